@@ -1,0 +1,131 @@
+"""The one decoder class behind every model: embeddings, a list of blocks built from the layer
+plan, final norm, LM head.
+
+Pipeline parallelism cuts `layers` (an ordered list) into stages and calls `embed`, the blocks
+and `head` piecewise; nothing here knows about ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .context import SequenceContext
+from .layers import RMSNorm, SwiGLU, init_linear
+from .mixers import build_mixer
+from .moe import MoE
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor | None     # [B, T, V], only when no labels were given
+    loss_sum: torch.Tensor | None   # summed token cross-entropy (fp32), when labels were given
+    num_tokens: torch.Tensor | None  # labels != IGNORE_INDEX
+    aux_loss: torch.Tensor          # MoE balance loss, already weighted by model.moe.aux_loss_coef
+
+
+class Block(nn.Module):
+    """x + mixer(attn_norm(x)), then + ffn(mlp_norm(.)). Returns (x, aux_loss)."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.mixer_name, self.ffn_name = cfg.mixers[index], cfg.ffns[index]
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = build_mixer(self.mixer_name, cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MoE(cfg) if self.ffn_name == "moe" else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, ctx: SequenceContext):
+        x = x + self.attn(self.attn_norm(x), ctx)
+        h = self.mlp(self.mlp_norm(x))
+        if isinstance(h, tuple):
+            h, aux = h
+            return x + h, aux
+        return x + h, x.new_zeros((), dtype=torch.float32)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # -- pieces (for pipeline stages) ------------------------------------------------------
+    def embed(self, input_ids, ctx: SequenceContext):
+        """input_ids [B, T] -> hidden [B, T, hidden], flattened to [1, B*T, hidden] when packed."""
+        if ctx.packed:
+            input_ids = input_ids.reshape(1, -1)
+        return self.embeddings(input_ids)
+
+    def head(self, h):
+        """hidden [..., hidden] -> logits [..., vocab]."""
+        h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embeddings.weight)
+
+    # -- full forward ----------------------------------------------------------------------
+    def forward(self, input_ids, position_ids=None, labels=None, ctx: SequenceContext | None = None):
+        """input_ids [B, T]; position_ids [B, T] (restarting at 0 at each packed document; default
+        0..T-1); labels [B, T] with IGNORE_INDEX where no loss is taken."""
+        b, t = input_ids.shape
+        if ctx is None:
+            if position_ids is None:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            ctx = SequenceContext.from_position_ids(position_ids)
+        h = self.embed(input_ids, ctx)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            h, block_aux = block(h, ctx)
+            aux = aux + block_aux
+        logits = self.head(h).reshape(b, t, -1)
+        if labels is None:
+            return DecoderOutput(logits, None, None, aux)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return DecoderOutput(None, loss_sum, (labels != IGNORE_INDEX).sum(), aux)
+
+    # -- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self):
+        """Fresh initialisation: normal(0, init_std) linears and embeddings, unit norms; mixers
+        and MoE layers then apply their own rules (GLA xavier gain 2^-2.5, small sinks)."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                init_linear(m, std=std)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                m.init_weights()
+        for block in self.layers:
+            for part in (block.attn, block.mlp):
+                if hasattr(part, "init_weights"):
+                    part.init_weights()
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and those active for one token (top-k of the routed experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.modules():
+            if isinstance(m, MoE):
+                per_expert = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
+                inactive += (m.num_experts - m.top_k) * per_expert
+        return {"total": total, "active": total - inactive}
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> Decoder:
+    """Builds on `device` ("meta" allocates nothing). Parameters stay fp32 (autocast handles bf16)."""
+    device = torch.device(device)
+    with device:
+        model = Decoder(cfg)
+    if init and device.type != "meta":
+        model.init_weights()
+    return model

@@ -1,0 +1,101 @@
+"""Mixture-of-experts FFN: softmax router, top-k routed experts, always-on shared experts.
+
+Token movement goes through a *dispatcher* (the expert-parallel seam): `LocalDispatcher` keeps
+all experts on this device; expert parallelism swaps in an all-to-all dispatcher from
+`parallel/` that sends each token to the rank holding its expert. The experts module only sees
+rows already grouped by (local) expert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ops.moe import grouped_swiglu, permute, unpermute
+from .layers import SwiGLU
+
+
+@dataclass
+class DispatchHandle:
+    order: torch.Tensor        # [N*k] flat (token, slot) index of each permuted row
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts live here: group rows by expert, and scatter results back."""
+
+    def dispatch(self, x, topk_idx, num_experts):
+        """x [N, D], topk_idx [N, k] -> rows [N*k, D] grouped by expert, counts [E], handle."""
+        x_perm, counts, order = permute(x, topk_idx, num_experts)
+        return x_perm, counts, DispatchHandle(order, x.shape[0])
+
+    def combine(self, y_perm, handle: DispatchHandle, topk_weight):
+        """y_perm [N*k, D] -> [N, D], weighted sum over each token's k experts."""
+        return unpermute(y_perm, handle.order, topk_weight)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights (nn.Linear layout): gate/up [E, F, D], down [E, D, F]."""
+
+    def __init__(self, num_experts: int, hidden: int, size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, size, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, size, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, size))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def forward(self, x_perm, counts):
+        return grouped_swiglu(x_perm, counts, self.gate_proj, self.up_proj, self.down_proj)
+
+    def init_weights(self, std: float):
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(p, std=std)
+
+
+class MoE(nn.Module):
+    """[B, T, hidden] -> ([B, T, hidden], aux_loss scalar).
+
+    Routed output is weighted by the router probability of each chosen expert (not renormalised),
+    so at upcycling a top-1 layer computes shared(x) + p_top1 * expert(x).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.moe
+        self.top_k, self.aux_loss_coef = m.top_k, m.aux_loss_coef
+        self.num_experts = m.num_experts
+        self.router = nn.Linear(cfg.hidden_size, m.num_experts, bias=False)
+        self.experts = Experts(m.num_experts, cfg.hidden_size, cfg.expert_size)
+        self.shared = SwiGLU(cfg.hidden_size, cfg.expert_size * m.num_shared) if m.num_shared else None
+        self.dispatcher = LocalDispatcher()
+        self.init_std = cfg.init_std
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        topk_w, topk_idx = probs.topk(self.top_k, dim=-1)
+        rows, counts, handle = self.dispatcher.dispatch(x, topk_idx, self.num_experts)
+        y = self.dispatcher.combine(self.experts(rows, counts), handle, topk_w.to(x.dtype))
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.reshape(shape), self.aux_loss_coef * load_balance_loss(probs, topk_idx)
+
+    def init_weights(self):
+        self.experts.init_weights(self.init_std)
+
+
+def load_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Switch-style balance loss E * sum_e f_e * P_e; 1.0 when perfectly balanced.
+
+    probs [N, E] router probabilities, topk_idx [N, k]; f_e = share of routed slots given to e.
+    """
+    num_experts = probs.shape[-1]
+    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(0, topk_idx.flatten(), torch.ones_like(topk_idx.flatten(), dtype=probs.dtype))
+    return num_experts * torch.dot(counts / topk_idx.numel(), probs.mean(0))

@@ -1,0 +1,108 @@
+"""`build(cfg)`: mesh -> model -> parallelize -> data -> trainer, and the dry-run summary."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+import yaml
+
+from data import build_loader
+from model import build_model
+from parallel import Mesh, parallelize
+from .config import RunConfig
+from .optim import build_optimizer
+from .trainer import Trainer
+
+log = logging.getLogger("train")
+
+BYTES_PER_PARAM_TRAINING = 16  # fp32 weights + grads + two AdamW moments
+
+
+def run(cfg: RunConfig) -> dict:
+    """Dry run (meta-device summary) or a full training run. Returns the summary or last metrics."""
+    mesh = Mesh(cfg.parallel, cfg.train.device)
+    try:
+        if mesh.is_main:
+            os.makedirs(cfg.train.run_dir, exist_ok=True)
+            _write_atomic(os.path.join(cfg.train.run_dir, "config.yaml"),
+                          yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        if cfg.train.dry_run:
+            return dry_run(cfg, mesh)
+        trainer = build(cfg, mesh)
+        rows = trainer.fit()
+        return rows[-1] if rows else {}
+    finally:
+        mesh.close()
+
+
+def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
+    t = cfg.train
+    if t.global_batch % mesh.dp:
+        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by the data-parallel "
+                         f"size {mesh.dp}")
+    loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
+                          dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+    if loader.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {loader.vocab_size} tokens but model.vocab_size is "
+                         f"{cfg.model.vocab_size}; raise model.vocab_size or shrink the tokenizer")
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, device=mesh.device)
+    counts = model.num_params()
+    if mesh.is_main:
+        log.info("model %s: %s parameters (%s active) on %s, world %d", cfg.model.name,
+                 f"{counts['total']:,}", f"{counts['active']:,}", mesh.device, mesh.world_size)
+    model = parallelize(model, mesh)
+    optimizer = build_optimizer(model, t)
+    return Trainer(cfg, mesh, model, optimizer, loader)
+
+
+def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
+    """Builds the model on the meta device (no memory), prints and writes `summary.json`."""
+    model = build_model(cfg.model, device="meta")
+    counts = model.num_params()
+    m = cfg.model
+    summary = {
+        "model": m.name,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "layers": [f"{mix}/{ffn}" for mix, ffn in zip(m.mixers, m.ffns)],
+        "world_size": mesh.world_size,
+        "parallel": {"dp": mesh.dp, "pp": mesh.pp, "ep": mesh.ep, "sp": mesh.sp},
+        "tokens_per_step": cfg.train.global_batch * cfg.data.seq_len,
+        "training_state_gib": counts["total"] * BYTES_PER_PARAM_TRAINING / 2**30,
+    }
+    if mesh.is_main:
+        _write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2))
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    plan, runs = [], []
+    for layer in s["layers"]:  # run-length encode the plan: "gla/dense, swa/dense x 14"
+        if runs and runs[-1][0] == layer:
+            runs[-1][1] += 1
+        else:
+            runs.append([layer, 1])
+    plan = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in runs)
+    return "\n".join([
+        f"model            {s['model']}",
+        f"parameters       {s['params_total']:,} total ({s['params_total'] / 1e9:.2f}B)",
+        f"active per token {s['params_active']:,} ({s['params_active'] / 1e9:.2f}B)",
+        f"layer plan       {plan}",
+        f"parallel         {s['parallel']} (world {s['world_size']})",
+        f"tokens per step  {s['tokens_per_step']:,}",
+        f"training state   {s['training_state_gib']:.1f} GiB (fp32 weights, grads, AdamW moments)",
+    ])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

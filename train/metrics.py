@@ -1,0 +1,41 @@
+"""Step metrics: console lines and `metrics.jsonl` (one JSON object per logged step)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger("train")
+
+
+class MetricsLogger:
+    """Accumulates per-step values between log points and writes their means (rank 0 only)."""
+
+    def __init__(self, run_dir: str, enabled: bool, max_steps: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled, self.max_steps = enabled, max_steps
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float):
+        self._t0, self._loss, self._steps, self._tokens = now, 0.0, 0, 0
+
+    def add(self, loss: float, tokens: int):
+        self._loss += loss
+        self._steps += 1
+        self._tokens += tokens
+
+    def flush(self, step: int, lr: float, grad_norm: float, total_tokens: int, **extra) -> dict | None:
+        if not self._steps:
+            return None
+        now = time.perf_counter()
+        row = {"step": step, "loss": self._loss / self._steps, "lr": lr, "grad_norm": grad_norm,
+               "tokens": total_tokens, "tokens_per_s": self._tokens / max(now - self._t0, 1e-9), **extra}
+        self._reset(now)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s",
+                     step, self.max_steps, row["loss"], lr, grad_norm, f"{total_tokens:,}",
+                     f"{row['tokens_per_s']:,.0f}")
+        return row
