@@ -26,15 +26,15 @@ class Mesh:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = _pick_device(device, self.local_rank)
+        for key, what in _PENDING.items():
+            if getattr(cfg, key) > 1:
+                raise ValueError(f"parallel.{key}={getattr(cfg, key)}: {what} is not available in this "
+                                 f"version of the framework; set parallel.{key}=1")
         rest = cfg.pp * cfg.ep * cfg.sp
         dp = cfg.dp or self.world_size // rest
         if dp * rest != self.world_size:
             raise ValueError(f"parallel.dp={cfg.dp or 'auto'} x pp={cfg.pp} x ep={cfg.ep} x sp={cfg.sp} "
                              f"does not match the world size {self.world_size} (torchrun --nproc-per-node x nodes)")
-        for key, what in _PENDING.items():
-            if getattr(cfg, key) > 1:
-                raise ValueError(f"parallel.{key}={getattr(cfg, key)}: {what} is not available in this "
-                                 f"version of the framework; set parallel.{key}=1")
         self.dp, self.pp, self.ep, self.sp = dp, cfg.pp, cfg.ep, cfg.sp
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         if "MASTER_ADDR" in os.environ and not dist.is_initialized():

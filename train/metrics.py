@@ -15,6 +15,8 @@ class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, max_steps: int):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled, self.max_steps = enabled, max_steps
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
