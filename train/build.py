@@ -90,13 +90,17 @@ def format_summary(s: dict) -> str:
     plan = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in runs)
     return "\n".join([
         f"model            {s['model']}",
-        f"parameters       {s['params_total']:,} total ({s['params_total'] / 1e9:.2f}B)",
-        f"active per token {s['params_active']:,} ({s['params_active'] / 1e9:.2f}B)",
+        f"parameters       {s['params_total']:,} total ({_human(s['params_total'])})",
+        f"active per token {s['params_active']:,} ({_human(s['params_active'])})",
         f"layer plan       {plan}",
         f"parallel         {s['parallel']} (world {s['world_size']})",
         f"tokens per step  {s['tokens_per_step']:,}",
         f"training state   {s['training_state_gib']:.1f} GiB (fp32 weights, grads, AdamW moments)",
     ])
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _write_atomic(path: str, text: str) -> None:

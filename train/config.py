@@ -3,6 +3,7 @@ dataclasses, rejecting unknown keys and wrong types with the full setting name."
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ def _convert(tp, value, path):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         return _convert(next(a for a in args if a is not type(None)), value, path)

@@ -9,23 +9,25 @@ import re
 
 from ..config import LayerPlan, ModelConfig
 
-# (ours, Hugging Face Qwen2) name fragments, applied in order.
-_RENAMES = [
-    (r"^embeddings\.", "model.embed_tokens."),
-    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
-    (r"^norm\.", "model.norm."),
+# (ours, Hugging Face Qwen2) name prefixes; {i} is the layer index.
+_PREFIXES = [
+    ("embeddings.", "model.embed_tokens."),
+    ("layers.{i}.attn_norm.", "model.layers.{i}.input_layernorm."),
+    ("layers.{i}.mlp_norm.", "model.layers.{i}.post_attention_layernorm."),
+    ("layers.{i}.attn.", "model.layers.{i}.self_attn."),
+    ("layers.{i}.mlp.", "model.layers.{i}.mlp."),
+    ("norm.", "model.norm."),
 ]
-_RENAMES_BACK = [
-    (r"^model\.embed_tokens\.", "embeddings."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
-    (r"^model\.norm\.", "norm."),
-]
+
+
+def _rules(to_hf: bool):
+    """(regex, replacement) pairs mapping one side's prefixes onto the other's."""
+    rules = []
+    for ours, hf in _PREFIXES:
+        src, dst = (ours, hf) if to_hf else (hf, ours)
+        pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
+        rules.append((re.compile(pattern), dst.replace("{i}", r"\1")))
+    return rules
 
 
 def qwen2_config(hf: dict, name: str = "qwen2") -> ModelConfig:
@@ -51,12 +53,12 @@ def qwen2_config(hf: dict, name: str = "qwen2") -> ModelConfig:
     )
 
 
-def _rename(state: dict, rules) -> dict:
-    out = {}
+def _rename(state: dict, to_hf: bool) -> dict:
+    rules, out = _rules(to_hf), {}
     for key, value in state.items():
         new = key
         for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, new)
+            new, n = pattern.subn(repl, key, count=1)
             if n:
                 break
         out[new] = value
@@ -65,7 +67,7 @@ def _rename(state: dict, rules) -> dict:
 
 def qwen2_to_hf(state: dict) -> dict:
     """Our state dict -> Qwen2ForCausalLM names."""
-    return _rename(state, _RENAMES)
+    return _rename(state, to_hf=True)
 
 
 def qwen2_from_hf(state: dict, tie_word_embeddings: bool = False) -> dict:
@@ -74,4 +76,4 @@ def qwen2_from_hf(state: dict, tie_word_embeddings: bool = False) -> dict:
     state = {k: v for k, v in state.items() if "rotary_emb" not in k}
     if tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return _rename(state, _RENAMES_BACK)
+    return _rename(state, to_hf=False)

@@ -74,6 +74,19 @@ def _recurrent_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return torch.stack(outs, dim=1), state
 
 
+def _prepare(q, k, v, g, scale, initial_state, N):
+    """Grouped, pre-scaled q [B, T, Hkv, G, K]; k, v, g and the entering states [N, Hkv, K, V] in
+    the compute dtype."""
+    K, Hkv, V = q.shape[3], v.shape[2], v.shape[3]
+    dtype = _compute_dtype(q)
+    qg = _grouped(q, Hkv, K ** -0.5 if scale is None else scale, dtype)
+    if initial_state is None:
+        states = q.new_zeros(N, Hkv, K, V, dtype=dtype)
+    else:
+        states = initial_state.to(dtype)
+    return qg, k.to(dtype), v.to(dtype), g.to(dtype), states
+
+
 def recurrent_gla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
                             scale: float | None = None, initial_state: torch.Tensor | None = None,
                             output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
@@ -87,14 +100,7 @@ def recurrent_gla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     N = _check_inputs("recurrent_gla", q, k, v, g, initial_state, cu_seqlens)
     B, T, Hq, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
-    dtype = _compute_dtype(q)
-    scale = K ** -0.5 if scale is None else scale
-    qg = _grouped(q, Hkv, scale, dtype)
-    k, v, g = k.to(dtype), v.to(dtype), g.to(dtype)
-    if initial_state is None:
-        states = q.new_zeros(N, Hkv, K, V, dtype=dtype)
-    else:
-        states = initial_state.to(dtype)
+    qg, k, v, g, states = _prepare(q, k, v, g, scale, initial_state, N)
     if cu_seqlens is None:
         o, final = _recurrent_dense(qg, k, v, g, states)
     else:
@@ -176,14 +182,7 @@ def chunk_gla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
         raise ValueError(f"chunk_gla: chunk_size must be a positive int, got {chunk_size!r}")
     B, T, Hq, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
-    dtype = _compute_dtype(q)
-    scale = K ** -0.5 if scale is None else scale
-    qg = _grouped(q, Hkv, scale, dtype)
-    k, v, g = k.to(dtype), v.to(dtype), g.to(dtype)
-    if initial_state is None:
-        states = q.new_zeros(N, Hkv, K, V, dtype=dtype)
-    else:
-        states = initial_state.to(dtype)
+    qg, k, v, g, states = _prepare(q, k, v, g, scale, initial_state, N)
     if cu_seqlens is None:
         o, final = _chunk_dense(qg, k, v, g, states, chunk_size)
         return o.reshape(B, T, Hq, V).to(q.dtype), (final if output_final_state else None)
