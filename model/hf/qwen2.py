@@ -34,6 +34,9 @@ def qwen2_config(hf: dict, name: str = "qwen2") -> ModelConfig:
     """A Hugging Face Qwen2 config.json (as a dict) -> ModelConfig with full attention everywhere."""
     if hf.get("model_type") not in (None, "qwen2"):
         raise ValueError(f"expected a qwen2 config, got model_type={hf.get('model_type')!r}")
+    if hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 configs with use_sliding_window=true are not supported (Qwen2.5 "
+                         "checkpoints have it off); convert a model whose attention is full")
     heads = hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}
     return ModelConfig(

@@ -64,6 +64,10 @@ def test_state_dict_round_trip_names():
         assert torch.equal(v, hf.state_dict()[k])
 
 
-def test_rejects_other_architectures():
+def test_rejects_other_architectures_and_sliding_window_qwen2():
     with pytest.raises(ValueError, match="qwen2"):
         qwen2_config({"model_type": "llama", "num_attention_heads": 4, "hidden_size": 8})
+    cfg = tiny_hf_qwen2().config.to_dict()
+    cfg["use_sliding_window"] = True
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        qwen2_config(cfg)
