@@ -57,6 +57,9 @@ class Mesh:
 
     def close(self) -> None:
         if dist.is_initialized():
+            # a rank tearing down gloo while a peer still talks to it aborts the peer
+            # ("terminate called without an active exception"): leave together
+            dist.barrier()
             dist.destroy_process_group()
 
 
