@@ -1,22 +1,36 @@
 """Data pipeline: sources -> tokens -> packed samples -> deterministic, resumable batches."""
 
-from .config import DataConfig, resolve_cache_dir
+from .array_source import ArraySource
+from .config import DataConfig, SourceSpec, resolve_cache_dir
+from .demo import DemoData, prepare_demo
+from .document_source import DocumentSource
 from .loader import Loader
-from .packing import IGNORE_INDEX, pack_samples
-from .sources import prepare
-from .token_data import TokenData
+from .packing import IGNORE_INDEX, pack
+from .permutation import DocumentPermutation, permutation_key
+from .sources import OpenedSources, check_sources, open_sources
+from .stream import DocumentStream, Plan
 from .tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
 
 __all__ = [
     "IGNORE_INDEX",
+    "ArraySource",
     "DataConfig",
+    "DemoData",
+    "DocumentPermutation",
+    "DocumentSource",
+    "DocumentStream",
     "Loader",
+    "OpenedSources",
+    "Plan",
     "SentencePieceTokenizer",
-    "TokenData",
+    "SourceSpec",
     "Tokenizer",
     "build_loader",
-    "pack_samples",
-    "prepare",
+    "check_sources",
+    "open_sources",
+    "pack",
+    "permutation_key",
+    "prepare_demo",
     "resolve_cache_dir",
     "train_sentencepiece",
 ]
@@ -25,12 +39,5 @@ __all__ = [
 def build_loader(
     cfg: DataConfig, *, seed: int, global_batch: int, dp_rank: int = 0, dp_size: int = 1
 ) -> Loader:
-    """The loader for `cfg.name`'s data, prepared (or read from the cache) first."""
-    return Loader(
-        cfg,
-        seed=seed,
-        global_batch=global_batch,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        data=prepare(cfg),
-    )
+    """The loader for the data `cfg` names (the demo corpus is prepared or read from the cache)."""
+    return Loader(cfg, seed=seed, global_batch=global_batch, dp_rank=dp_rank, dp_size=dp_size)

@@ -38,14 +38,14 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
         try:
             build(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-            _fsync(tmp)
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
                 if not final.is_dir():
                     raise
                 return False  # lost a race with a builder that could not lock
-            _fsync(final.parent)
+            fsync_dir(final.parent)
             return True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +73,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """fsync a directory entry so a rename survives a crash (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)

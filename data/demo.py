@@ -12,7 +12,8 @@ Collection stops after the document that reaches `demo_chars`.
 
 `prepare_demo` turns the corpus into a cached entry (built once, atomically):
 `<cache>/demo/<key>/` with `tokenizer.model` (sentencepiece, trained on the corpus),
-`tokens.npy` (all documents, each followed by EOS) and `meta.json`.
+`tokens.npy` (all documents, each followed by EOS), `doc_offsets.npy` (int64 `[D+1]`, where
+each document starts) and `meta.json`; it is read back as a memory-mapped `ArraySource`.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ import re
 import sys
 import sysconfig
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from .array_source import ArraySource
 from .cache import build_once, write_json
 from .config import DataConfig
-from .token_data import TokenData, token_dtype
+from .token_data import token_dtype
 from .tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 # Bump when the corpus rules, tokenizer training or the entry's files change: old entries
 # then stop matching instead of being read with new assumptions.
-VERSION = 1
+VERSION = 2
 MIN_DOC_CHARS = 200
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"})
 TOPICS_FILE = "pydoc_data/topics.py"
@@ -47,6 +50,15 @@ _DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 # reST under/overlines ("-----", "*****") carry no words.
 _RULE_LINE = re.compile(r"^\s*([-=*~^#+_.:`'\"])\1{2,}\s*$")
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The prepared demo corpus: its documents as a source, its tokenizer, its `meta.json`."""
+
+    source: ArraySource
+    tokenizer: SentencePieceTokenizer
+    meta: dict
 
 
 def stdlib_root() -> Path:
@@ -102,8 +114,8 @@ def cache_key(cfg: DataConfig) -> str:
     )
 
 
-def prepare_demo(cfg: DataConfig) -> TokenData:
-    """The demo token stream and tokenizer, built on first use and read from the cache after."""
+def prepare_demo(cfg: DataConfig) -> DemoData:
+    """The demo documents and tokenizer, built on first use and read from the cache after."""
     entry = cfg.resolved_cache_dir() / "demo" / cache_key(cfg)
     build_once(entry, lambda tmp: _build(cfg, tmp))
     return _load(entry)
@@ -123,10 +135,9 @@ def _build(cfg: DataConfig, out: Path) -> None:
     tokens = np.fromiter(
         itertools.chain.from_iterable(ids), dtype=token_dtype(tokenizer.vocab_size), count=n_tokens
     )
-    with open(out / "tokens.npy", "wb") as f:
-        np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in ids])]).astype(np.int64)
+    _save(out / "tokens.npy", tokens)
+    _save(out / "doc_offsets.npy", offsets)
     write_json(
         out / "meta.json",
         {
@@ -137,6 +148,7 @@ def _build(cfg: DataConfig, out: Path) -> None:
             "corpus_chars": sum(map(len, docs)),
             "documents": len(docs),
             "tokens": n_tokens,
+            "max_token_id": int(tokens.max()),
             "dtype": tokens.dtype.name,
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
@@ -145,18 +157,27 @@ def _build(cfg: DataConfig, out: Path) -> None:
     )
 
 
-def _load(entry: Path) -> TokenData:
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load(entry: Path) -> DemoData:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         tokenizer = SentencePieceTokenizer(entry / "tokenizer.model")
         tokens = np.load(entry / "tokens.npy", mmap_mode="r")
-    except (OSError, ValueError) as e:
+        offsets = np.load(entry / "doc_offsets.npy")
+        if tokenizer.fingerprint != meta["tokenizer_fingerprint"] or len(tokens) != meta["tokens"] \
+                or len(offsets) != meta["documents"] + 1:
+            raise ValueError("it does not match its meta.json")
+        source = ArraySource(tokens, offsets, name="demo", domain="demo",
+                             fingerprint=tokenizer.fingerprint, max_token_id=meta["max_token_id"])
+    except (OSError, ValueError, KeyError) as e:
         raise RuntimeError(f"demo cache entry {entry} is unreadable ({e}); delete it to rebuild") from e
-    if tokenizer.fingerprint != meta["tokenizer_fingerprint"] or len(tokens) != meta["tokens"]:
-        raise RuntimeError(
-            f"demo cache entry {entry} does not match its meta.json; delete it to rebuild"
-        )
-    return TokenData(tokens=tokens, tokenizer=tokenizer, meta=meta)
+    return DemoData(source=source, tokenizer=tokenizer, meta=meta)
 
 
 def _docstrings(path: Path) -> Iterator[str]:

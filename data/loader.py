@@ -1,34 +1,38 @@
 """Deterministic, resumable loader of packed samples for data-parallel training.
 
-There is one global sample order: epoch `e` is a permutation of all sample indices drawn from
-a generator seeded with (seed, e) only. Step `s` consumes the global samples
-`[s*G, (s+1)*G)` of the concatenated epochs (G = global batch), rolling into the next epoch's
-permutation when one is exhausted; data-parallel rank `r` takes the contiguous slice
-`[r*b, (r+1)*b)` of those, b = G / dp_size. The state is the count of consumed global samples,
-so a run can resume with a different data-parallel size and see the same global batches.
+There is one global stream of samples (`stream.DocumentStream`: per-source keyed document orders,
+a deterministic token-weighted mixture, documents packed back to back). Each step consumes the
+next `G` samples (G = global batch); data-parallel rank `r` takes the contiguous slice
+`[r*b, (r+1)*b)` of them, b = G / dp_size. Every rank plans the whole global batch (document
+lengths only, so the stream state stays identical everywhere) but reads only its own samples'
+tokens. The state (`state_dict`) is the stream's: a few integers per source, independent of rank,
+data-parallel size, batch size and `seq_len`, so a run resumes on any number of ranks and across
+`seq_len` stages and continues the same stream.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import functools
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .config import DataConfig
-from .packing import num_samples, pack_samples
-from .sources import prepare
-from .token_data import TokenData
+from .document_source import DocumentSource
+from .packing import pack
+from .prefetch import Prefetcher
+from .sources import check_sources, open_sources
+from .stream import DocumentStream
 from .tokenizer import Tokenizer
-
-# Separates the sample-order stream from any other randomness derived from the same seed.
-_ORDER_STREAM = 0xDA7A
 
 
 class Loader:
     """Batches `{"input_ids", "labels", "position_ids"}`, each int64 `[b, L]`, for one DP rank.
 
-    `data` is the prepared token stream; by default it is prepared from `cfg` (`cfg.name`).
+    By default the sources are opened from `cfg` (`data.name`, `data.path`/`data.sources`);
+    `sources` (with `weights` by tokens, default equal, and optionally their `tokenizer`)
+    replaces that, e.g. for in-memory `ArraySource`s.
     """
 
     def __init__(
@@ -39,7 +43,9 @@ class Loader:
         global_batch: int,
         dp_rank: int = 0,
         dp_size: int = 1,
-        data: TokenData | None = None,
+        sources: Sequence[DocumentSource] | None = None,
+        weights: Sequence[float] | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"train.seed must be a non-negative integer, got {seed!r}")
@@ -50,56 +56,69 @@ class Loader:
         if not isinstance(global_batch, int) or global_batch < 1:
             raise ValueError(f"train.global_batch must be >= 1, got {global_batch!r}")
         if global_batch % dp_size:
-            raise ValueError(
-                f"train.global_batch={global_batch} must be divisible by the data-parallel "
-                f"size {dp_size}"
-            )
-        if data is None:
-            data = prepare(cfg)
+            raise ValueError(f"train.global_batch={global_batch} must be divisible by the "
+                             f"data-parallel size {dp_size}")
+        if sources is None:
+            opened = open_sources(cfg)
+            sources, weights, tokenizer = opened.sources, opened.weights, opened.tokenizer
+        else:
+            sources = list(sources)
+            weights = [1.0] * len(sources) if weights is None else list(weights)
+            if len(weights) != len(sources) or any(not w > 0 for w in weights):
+                raise ValueError(f"need one weight > 0 per source, got {weights} for "
+                                 f"{len(sources)} sources")
+            check_sources(sources, tokenizer, [f"source {i}" for i in range(len(sources))])
         self.cfg = cfg
         self.seed = seed
         self.global_batch = global_batch
         self.local_batch = global_batch // dp_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.data = data
-        self.num_samples = num_samples(len(data.tokens), cfg.seq_len)
-        if self.num_samples == 0:
-            raise ValueError(
-                f"the {cfg.name!r} data holds {len(data.tokens)} tokens, not enough for one "
-                f"sample of data.seq_len={cfg.seq_len}: lower data.seq_len or add data"
-            )
-        self._consumed = 0  # global samples consumed over all epochs
-        self._orders: dict[int, np.ndarray] = {}
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.data.tokenizer
+        self.sources = sources
+        self.tokenizer = tokenizer
+        self.stream = DocumentStream(sources, weights, seed=seed, packing=cfg.packing)
+        self._handed_out = self.stream.state_dict()  # the state after the last batch returned
+        self._prefetcher: Prefetcher | None = None
 
     @property
     def vocab_size(self) -> int:
-        return self.data.tokenizer.vocab_size
+        """The tokenizer's vocabulary, or (tokenizer unknown) one more than the largest id."""
+        if self.tokenizer is not None:
+            return self.tokenizer.vocab_size
+        return max(s.max_token_id for s in self.sources) + 1
 
     @property
-    def eos_id(self) -> int:
-        return self.data.tokenizer.eos_id
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_id if self.tokenizer is not None else None
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens in one global batch (all ranks)."""
         return self.global_batch * self.cfg.seq_len
 
-    @property
-    def epoch(self) -> int:
-        return self._consumed // self.num_samples
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Refuse (ValueError) data whose token ids the model's embedding cannot look up."""
+        if self.tokenizer is not None and self.tokenizer.vocab_size > model_vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but "
+                             f"model.vocab_size is {model_vocab_size}; raise model.vocab_size "
+                             f"or shrink the tokenizer")
+        for source in self.sources:
+            if source.max_token_id >= model_vocab_size:
+                raise ValueError(f"data source {source.name!r} holds token id "
+                                 f"{source.max_token_id} but model.vocab_size is "
+                                 f"{model_vocab_size}; raise model.vocab_size or prepare the "
+                                 f"data with the model's tokenizer")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """This rank's share of the next global batch; advances by one global batch."""
-        start = self._consumed + self.dp_rank * self.local_batch
-        ids = self._sample_ids(start, self.local_batch)
-        self._consumed += self.global_batch
-        arrays = pack_samples(self.data.tokens, ids, self.cfg.seq_len, self.eos_id)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        if not self.cfg.prefetch:
+            batch, state = self._producer()()
+        else:
+            if self._prefetcher is None:
+                self._prefetcher = Prefetcher(self._producer(), self.cfg.prefetch)
+            batch, state = self._prefetcher.get()
+        self._handed_out = state
+        return batch
 
     def __iter__(self) -> "Loader":
         return self
@@ -107,49 +126,51 @@ class Loader:
     def __next__(self) -> dict[str, torch.Tensor]:
         return self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the global sample order stands; independent of rank and data-parallel size."""
-        epoch, position = divmod(self._consumed, self.num_samples)
-        return {
-            "epoch": epoch,
-            "position": position,
-            "seed": self.seed,
-            "seq_len": self.cfg.seq_len,
-            "num_samples": self.num_samples,
-        }
+    def state_dict(self) -> dict[str, Any]:
+        """Where the global stream stands after the last batch returned (prefetched batches not
+        handed out yet do not count); the same on every rank."""
+        return copy.deepcopy(self._handed_out)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the loader that saved `state` stopped."""
-        for key, mine, setting in (
-            ("seed", self.seed, "train.seed"),
-            ("seq_len", self.cfg.seq_len, "data.seq_len"),
-            ("num_samples", self.num_samples, "the data (data.name and its settings)"),
-        ):
-            if key in state and state[key] != mine:
-                raise ValueError(
-                    f"cannot resume the data loader: saved {key}={state[key]} but this run has "
-                    f"{mine}; {setting} must match the run that saved it"
-                )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self.num_samples:
-            raise ValueError(f"invalid data loader state: epoch={epoch}, position={position}")
-        self._consumed = epoch * self.num_samples + position
+        """Continue exactly where the loader that saved `state` stopped (any rank count,
+        batch size or `seq_len`)."""
+        self.close()
+        try:
+            self.stream.load_state_dict(state)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"the data loader state is malformed ({e!r})") from e
+        self._handed_out = self.stream.state_dict()
 
-    def _sample_ids(self, start: int, count: int) -> np.ndarray:
-        """Global order entries `[start, start+count)`, crossing epochs as needed."""
-        parts = []
-        while count:
-            epoch, position = divmod(start, self.num_samples)
-            take = min(count, self.num_samples - position)
-            parts.append(self._order(epoch)[position : position + take])
-            start += take
-            count -= take
-        return np.concatenate(parts)
+    def close(self) -> None:
+        """Stop prefetching (batches prepared ahead are dropped; the state is unaffected)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+            self.stream.load_state_dict(self._handed_out)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:  # the order only moves forward: drop the oldest epoch
-                del self._orders[min(self._orders)]
-            rng = np.random.default_rng([self.seed, epoch, _ORDER_STREAM])
-            self._orders[epoch] = rng.permutation(self.num_samples)
-        return self._orders[epoch]
+    def __del__(self) -> None:
+        if getattr(self, "_prefetcher", None) is not None:
+            self._prefetcher.close()
+
+    def _producer(self):
+        # A plain function of the stream, not a bound method: the prefetch thread must not keep
+        # the loader alive.
+        return functools.partial(
+            _next_batch, self.stream, self.sources, self.global_batch,
+            self.dp_rank * self.local_batch, self.local_batch, self.cfg.seq_len,
+        )
+
+
+def _next_batch(
+    stream: DocumentStream,
+    sources: Sequence[DocumentSource],
+    global_batch: int,
+    first: int,
+    count: int,
+    seq_len: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Plan the next global batch, pack samples `[first, first+count)`; also the state after it."""
+    plan = stream.plan(global_batch, seq_len)
+    state = stream.state_dict()
+    arrays = pack(plan, sources, first, count, seq_len)
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}, state

@@ -1,55 +1,63 @@
-"""Packing a token stream into fixed-length samples with document boundaries.
+"""Packing: planned document pieces -> `input_ids`, `labels`, `position_ids`, each int64 `[B, L]`.
 
-The stream is documents back to back, each followed by EOS. Sample `i` is the window
-`tokens[i*L : i*L + L + 1]`: its first `L` tokens are the inputs, its last `L` the labels
-(next token). Documents never leak into each other:
-- `position_ids` restart at 0 at each document start (the token after an EOS, and the first
-  token of a sample), so the model can derive `cu_seqlens` from them;
-- the label of an EOS input (the first token of the next document) is `IGNORE_INDEX`, since
-  it cannot be predicted from the previous document.
+A sample is `L` input tokens: the pieces (segments) of documents the stream planned for it, back
+to back. Documents never leak into each other:
+- `position_ids` restart at 0 at each document start and at each sample start (a document cut
+  by the previous sample continues from position 0), so the model derives `cu_seqlens` from them;
+- the label of an input is the next token of the *same* document: the label of a document's last
+  token (its EOS) is `IGNORE_INDEX`, so nothing learns to predict the next document's first token.
+  The label of a sample's last input, when its document continues in a later sample, is that
+  continuation's first token (read one token past the segment).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from .document_source import DocumentSource
+from .stream import Plan
 
 IGNORE_INDEX = -100
 
 
-def num_samples(num_tokens: int, seq_len: int) -> int:
-    """How many whole samples of `seq_len` (plus the one label token) a stream holds."""
-    return max(0, (num_tokens - 1) // seq_len)
-
-
-def gather_windows(tokens: np.ndarray, sample_ids: np.ndarray, seq_len: int) -> np.ndarray:
-    """Windows `[B, L+1]` of samples `sample_ids` `[B]`, in the stream's dtype."""
-    starts = np.asarray(sample_ids, dtype=np.int64)[:, None] * seq_len
-    return tokens[starts + np.arange(seq_len + 1, dtype=np.int64)]
-
-
-def windows_to_batch(windows: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
-    """Split windows `[B, L+1]` into int64 `input_ids`, `labels` and `position_ids`, each `[B, L]`."""
-    windows = windows.astype(np.int64)
-    input_ids = windows[:, :-1]
-    labels = windows[:, 1:].copy()
-    is_eos = input_ids == eos_id
-    labels[is_eos] = IGNORE_INDEX
-
-    batch, seq_len = input_ids.shape
-    index = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, seq_len))
-    starts = np.zeros((batch, seq_len), dtype=bool)
-    starts[:, 0] = True
-    starts[:, 1:] = is_eos[:, :-1]
-    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return {
-        "input_ids": np.ascontiguousarray(input_ids),
-        "labels": labels,
-        "position_ids": index - last_start,
-    }
-
-
-def pack_samples(
-    tokens: np.ndarray, sample_ids: np.ndarray, seq_len: int, eos_id: int
+def pack(
+    plan: Plan, sources: Sequence[DocumentSource], first_sample: int, num_samples: int, seq_len: int
 ) -> dict[str, np.ndarray]:
-    """Samples `sample_ids` `[B]` of `tokens` as `input_ids`, `labels`, `position_ids` `[B, L]`."""
-    return windows_to_batch(gather_windows(tokens, sample_ids, seq_len), eos_id)
+    """Samples `first_sample .. first_sample+num_samples-1` of `plan` as int64 `[B, L]` arrays.
+
+    Only these samples' tokens are read (a data-parallel rank reads its own slice only).
+    """
+    lo, hi = plan.first[first_sample], plan.first[first_sample + num_samples]
+    total = num_samples * seq_len
+    inputs = np.empty(total, dtype=np.int64)
+    labels = np.empty(total, dtype=np.int64)
+    sizes = np.empty(hi - lo, dtype=np.int64)
+    o = 0
+    for j in range(lo, hi):
+        start, stop, length = plan.start[j], plan.stop[j], plan.length[j]
+        m = stop - start
+        source = sources[plan.source[j]]
+        # One token past the piece: the label of its last input, unless the document ends here.
+        want = min(stop + 1, length) - start
+        chunk = source.read(plan.doc[j], start, start + want)
+        if len(chunk) != want:
+            raise RuntimeError(f"data source {source.name!r} returned {len(chunk)} tokens for "
+                               f"tokens [{start}, {start + want}) of document {plan.doc[j]} "
+                               f"({length} tokens): the source is damaged")
+        inputs[o : o + m] = chunk[:m]
+        labels[o : o + m - 1] = chunk[1:m]
+        labels[o + m - 1] = chunk[m] if want > m else IGNORE_INDEX
+        sizes[j - lo] = m
+        o += m
+    if o != total:  # the plan is built to fill every sample exactly
+        raise AssertionError(f"planned {o} tokens for {num_samples} samples of {seq_len}")
+    piece_starts = np.cumsum(sizes) - sizes
+    positions = np.arange(total, dtype=np.int64) - np.repeat(piece_starts, sizes)
+    shape = (num_samples, seq_len)
+    return {
+        "input_ids": inputs.reshape(shape),
+        "labels": labels.reshape(shape),
+        "position_ids": positions.reshape(shape),
+    }

@@ -32,7 +32,10 @@ def run(cfg: RunConfig) -> dict:
         if cfg.train.dry_run:
             return dry_run(cfg, mesh)
         trainer = build(cfg, mesh)
-        rows = trainer.fit()
+        try:
+            rows = trainer.fit()
+        finally:
+            trainer.loader.close()  # stops the prefetch thread
         return rows[-1] if rows else {}
     finally:
         mesh.close()
@@ -45,9 +48,7 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
                          f"size {mesh.dp}")
     loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)
-    if loader.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {loader.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}; raise model.vocab_size or shrink the tokenizer")
+    loader.check_vocab(cfg.model.vocab_size)  # token ids the embedding cannot look up
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, device=mesh.device)
     counts = model.num_params()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from data import DataConfig, prepare
+from data import DataConfig, prepare_demo
 
 
 @pytest.fixture(scope="session")
@@ -13,4 +13,4 @@ def demo_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_data(demo_cfg):
-    return prepare(demo_cfg)
+    return prepare_demo(demo_cfg)

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from data import demo, prepare
+from data import demo
 from data.demo import cache_key, prepare_demo
 
 SMALL = dict(demo_chars=40_000, vocab_size=400)
@@ -17,15 +17,22 @@ def entry_of(cfg):
 
 def test_entry_contents(demo_cfg, demo_data):
     entry = entry_of(demo_cfg)
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokenizer.model", "tokens.npy"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "doc_offsets.npy", "meta.json", "tokenizer.model", "tokens.npy"]
     meta = json.loads((entry / "meta.json").read_text())
     assert meta == demo_data.meta
     assert meta["tokenizer_fingerprint"] == demo_data.tokenizer.fingerprint
-    assert meta["tokens"] == len(demo_data.tokens) and meta["vocab_size"] == 512
-    assert meta["corpus_chars"] >= 200_000 and meta["documents"] > 50
-    assert demo_data.tokens.dtype == np.uint16
+    src = demo_data.source
+    assert meta["tokens"] == len(src.tokens) and meta["vocab_size"] == 512
+    assert meta["corpus_chars"] >= 200_000 and meta["documents"] == len(src.doc_lengths) > 50
+    assert src.tokens.dtype == np.uint16 and meta["max_token_id"] == src.max_token_id == src.tokens.max()
+    assert (src.name, src.domain, src.fingerprint) == ("demo", "demo", demo_data.tokenizer.fingerprint)
     eos = demo_data.tokenizer.eos_id
-    assert demo_data.tokens[-1] == eos and int(np.sum(demo_data.tokens == eos)) == meta["documents"]
+    assert int(np.sum(src.tokens == eos)) == meta["documents"]
+    ends = src.doc_offsets[1:] - 1
+    assert (src.tokens[ends] == eos).all()  # each document ends with its EOS
+    first = src.read(0, 0, src.doc_lengths[0] - 1)
+    assert demo_data.tokenizer.decode(first.tolist()) == demo.demo_documents(200_000)[0]
 
 
 def test_key_covers_what_changes_the_contents(demo_cfg):
@@ -44,10 +51,11 @@ def test_second_prepare_reads_the_cache(demo_cfg, demo_data, monkeypatch):
 
     monkeypatch.setattr(demo, "demo_documents", no_rebuild)
     monkeypatch.setattr(demo, "train_sentencepiece", no_rebuild)
-    again = prepare(demo_cfg)
+    again = prepare_demo(demo_cfg)
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == stamps
     assert again.tokenizer.fingerprint == demo_data.tokenizer.fingerprint
-    np.testing.assert_array_equal(again.tokens, demo_data.tokens)
+    np.testing.assert_array_equal(again.source.tokens, demo_data.source.tokens)
+    np.testing.assert_array_equal(again.source.doc_offsets, demo_data.source.doc_offsets)
 
 
 def test_leftover_temporary_is_not_taken_for_an_entry(demo_cfg, tmp_path):
@@ -94,7 +102,7 @@ def test_concurrent_builders_agree(demo_cfg, tmp_path, monkeypatch):
     assert not errors
     assert len(trainings) == 1  # the others waited for the first builder
     assert len({r.tokenizer.fingerprint for r in results}) == 1
-    assert all(np.array_equal(r.tokens, results[0].tokens) for r in results)
+    assert all(np.array_equal(r.source.tokens, results[0].source.tokens) for r in results)
 
 
 def test_corrupt_entry_is_reported(demo_cfg, tmp_path):
