@@ -36,7 +36,7 @@ import numpy as np
 from .array_source import ArraySource
 from .cache import build_once, write_json
 from .config import DataConfig
-from .token_data import token_dtype
+from .shards import shard_dtype
 from .tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 # Bump when the corpus rules, tokenizer training or the entry's files change: old entries
@@ -133,7 +133,7 @@ def _build(cfg: DataConfig, out: Path) -> None:
     ids = tokenizer.encode_batch(docs, add_eos=True)
     n_tokens = sum(map(len, ids))
     tokens = np.fromiter(
-        itertools.chain.from_iterable(ids), dtype=token_dtype(tokenizer.vocab_size), count=n_tokens
+        itertools.chain.from_iterable(ids), dtype=shard_dtype(tokenizer.vocab_size), count=n_tokens
     )
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in ids])]).astype(np.int64)
     _save(out / "tokens.npy", tokens)
