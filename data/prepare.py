@@ -274,6 +274,11 @@ def _existing(out: Path, request: dict, overwrite: bool) -> dict | None:
             manifest = read_manifest(out)
             if manifest.get("request") == request:
                 return manifest
+            if not manifest.get("shards"):
+                # an earlier run failed before producing anything (e.g. a wrong --text-field):
+                # the corrected command may take the directory over
+                (out / MANIFEST).unlink()
+                return None
             differs = sorted(k for k in request if manifest.get("request", {}).get(k) != request[k])
         except ShardError:
             differs = ["manifest unreadable"]

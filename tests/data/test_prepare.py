@@ -234,3 +234,21 @@ def test_cli_end_to_end(tmp_path, jsonl):
     assert read_manifest(tmp_path / "out")["command"][1:] == args[1:]
     r = subprocess.run(args[:-2] + ["--domain", "web"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "error:" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_corrected_command_takes_over_a_directory_left_by_a_run_that_produced_nothing(tmp_path):
+    """A first run that fails before finishing any shard (wrong text field) must not block the
+    corrected command; a directory with finished shards still needs --overwrite."""
+    from data.demo import demo_documents
+
+    src = tmp_path / "in.jsonl"
+    docs = list(demo_documents(60_000))[:30]
+    src.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="text"):
+        prepare_shards([str(src)], out, train_vocab=600, progress=False)
+    result = prepare_shards([str(src)], out, train_vocab=600, text_field="body", progress=False)
+    assert result.manifest["complete"] and len(ShardSource(out).doc_lengths) == 30
+    with pytest.raises(ValueError, match="--overwrite"):
+        prepare_shards([str(src)], out, train_vocab=600, text_field="body", domain="other",
+                       progress=False)
