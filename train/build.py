@@ -11,6 +11,7 @@ import yaml
 
 from data import build_loader
 from model import build_model
+from model.hf import load_hf_checkpoint
 from parallel import Mesh, parallelize
 from .config import RunConfig
 from .optim import build_optimizer
@@ -50,7 +51,15 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     loader.check_vocab(cfg.model.vocab_size)  # token ids the embedding cannot look up
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, device=mesh.device)
+    model = build_model(cfg.model, device=mesh.device, init=not t.init_from)
+    if t.init_from:
+        try:
+            _, state = load_hf_checkpoint(t.init_from, cfg.model)  # checks dims, names and shapes
+        except ValueError as e:
+            raise ValueError(f"train.init_from: {e}") from e
+        model.load_state_dict(state, strict=True)
+        if mesh.is_main:
+            log.info("weights from %s", t.init_from)
     counts = model.num_params()
     if mesh.is_main:
         log.info("model %s: %s parameters (%s active) on %s, world %d", cfg.model.name,

@@ -29,6 +29,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_every: int = 10
     dry_run: bool = False
+    init_from: str = ""            # Hugging Face-style directory (launch/convert.py output) to start from
     precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
 

@@ -1,0 +1,72 @@
+"""Convert a Qwen-style Hugging Face checkpoint into SpikingBrain-7B or -76B (streaming).
+
+    python launch/convert.py SRC DST --target sb7b|sb76b|sb7b-tiny|sb76b-tiny [--dtype bf16|fp32] [--overwrite]
+                             [--max-shard-size 5GB] [--sliding-window N] [--seed 0]
+
+The target's dims come from SRC's config.json; its layer plan and GLA/MoE/hybrid settings from
+conf/model/TARGET.yaml. DST is written under a temporary sibling name and renamed when complete.
+Prints one JSON summary line (with peak RSS) on success; errors exit with status 1 and a message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def template(target: str):
+    import yaml
+
+    from train.config import from_dict
+    from model.config import ModelConfig
+
+    with open(os.path.join(ROOT, "conf", "model", f"{target}.yaml")) as f:
+        return from_dict(ModelConfig, yaml.safe_load(f), "model")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="Qwen2 Hugging Face directory (config.json + safetensors or .bin)")
+    ap.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    targets = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "model"))
+                     if f.endswith(".yaml") and f.startswith("sb"))
+    ap.add_argument("--target", required=True, choices=targets,
+                    help="model config whose layer plan and settings the result takes (its dims come "
+                         "from SRC); -tiny targets keep the tiny configs' plans, so +model=NAME-tiny "
+                         "trains the result")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--sliding-window", type=int, default=None,
+                    help="SWA window (default: the target config's, 4096)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the new parameters")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from model.convert import convert
+    from model.hf.checkpoint import parse_size
+
+    try:
+        parse_size(args.max_shard_size)
+        summary = convert(args.src, args.dst, template(args.target), args.target,
+                          dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype],
+                          overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                          sliding_window=args.sliding_window, seed=args.seed)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    summary.pop("mixers"), summary.pop("ffns")
+    print(json.dumps({"converted": os.path.abspath(args.dst), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
