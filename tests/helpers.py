@@ -15,3 +15,25 @@ def model_config(name: str, **overrides) -> ModelConfig:
         data = yaml.safe_load(f)
     data.update(overrides)
     return from_dict(ModelConfig, data, "model")
+
+
+def tiny_qwen2(seed: int = 0, *, tie: bool = False, vocab_size: int = 503, hidden_size: int = 96,
+               intermediate_size: int = 200, num_layers: int = 3, num_heads: int = 6,
+               num_kv_heads: int = 2):
+    """A random Hugging Face Qwen2ForCausalLM (fp32, eager attention) with random biases and norm
+    scales too, so every tensor matters in comparisons."""
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        use_sliding_window=False, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    return model

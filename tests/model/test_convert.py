@@ -16,6 +16,7 @@ from model import SequenceContext, build_model
 from model.convert import ROUTER_STD, convert, save_hf_checkpoint, upcycle_alpha
 from model.hf import CheckpointError, HFCheckpoint, load_hf_checkpoint, load_into
 from model.hf.spikingbrain import _expected_shapes, to_hf_name
+from tests import helpers
 from tests.helpers import ROOT, model_config
 
 VOCAB, LAYERS = 503, 8
@@ -23,18 +24,7 @@ SB7B, SB76B = model_config("sb7b"), model_config("sb76b")
 
 
 def tiny_qwen2(seed=0):
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=96, intermediate_size=200, num_hidden_layers=LAYERS,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-        attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # random biases and norms so every tensor matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    return model
+    return helpers.tiny_qwen2(seed, vocab_size=VOCAB, num_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")

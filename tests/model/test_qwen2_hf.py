@@ -6,21 +6,7 @@ transformers = pytest.importorskip("transformers")
 
 from model import build_model
 from model.hf import qwen2_config, qwen2_from_hf, qwen2_to_hf
-
-
-def tiny_hf_qwen2(tie=False, seed=0):
-    cfg = transformers.Qwen2Config(
-        vocab_size=503, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tie, use_sliding_window=False,
-        attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # random biases and norms so every tensor matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    return model
+from tests.helpers import tiny_qwen2
 
 
 def ours_from(hf_model):
@@ -34,7 +20,7 @@ def ours_from(hf_model):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_match_transformers(tie):
-    hf = tiny_hf_qwen2(tie)
+    hf = tiny_qwen2(tie=tie)
     ours = ours_from(hf)
     ids = torch.randint(0, 503, (2, 45))
     with torch.no_grad():
@@ -45,7 +31,7 @@ def test_logits_match_transformers(tie):
 
 def test_packed_positions_match_transformers_per_document():
     """Two documents in one row equal running each through transformers alone."""
-    hf = tiny_hf_qwen2()
+    hf = tiny_qwen2()
     ours = ours_from(hf)
     ids = torch.randint(0, 503, (1, 30))
     pos = torch.cat([torch.arange(12), torch.arange(18)])[None]
@@ -56,7 +42,7 @@ def test_packed_positions_match_transformers_per_document():
 
 
 def test_state_dict_round_trip_names():
-    hf = tiny_hf_qwen2()
+    hf = tiny_qwen2()
     ours = ours_from(hf)
     back = qwen2_to_hf(ours.state_dict())
     assert set(back) == set(hf.state_dict()) - {k for k in hf.state_dict() if "rotary" in k}
@@ -67,7 +53,7 @@ def test_state_dict_round_trip_names():
 def test_rejects_other_architectures_and_sliding_window_qwen2():
     with pytest.raises(ValueError, match="qwen2"):
         qwen2_config({"model_type": "llama", "num_attention_heads": 4, "hidden_size": 8})
-    cfg = tiny_hf_qwen2().config.to_dict()
+    cfg = tiny_qwen2().config.to_dict()
     cfg["use_sliding_window"] = True
     with pytest.raises(ValueError, match="use_sliding_window"):
         qwen2_config(cfg)

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from data.config import DataConfig
 from model.hf import load_hf_checkpoint
 from parallel import Mesh, ParallelConfig
-from tests.helpers import ROOT, model_config
+from tests.helpers import ROOT, model_config, tiny_qwen2
 from train import RunConfig, build
 from train.config import TrainConfig
 
@@ -18,13 +18,9 @@ from train.config import TrainConfig
 def convert_tiny(tmp, target):
     """A random Qwen2 with the dims of `target` (a -tiny config), converted by the command line."""
     c = model_config(target)
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
-        tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(hf_cfg).save_pretrained(tmp / "qwen")
+    tiny_qwen2(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+               num_layers=c.num_layers, num_heads=c.num_heads,
+               num_kv_heads=c.num_kv_heads).save_pretrained(tmp / "qwen")
     r = subprocess.run([sys.executable, f"{ROOT}/launch/convert.py", str(tmp / "qwen"), str(tmp / target),
                         "--target", target, "--dtype", "fp32"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
