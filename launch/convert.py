@@ -1,11 +1,14 @@
 """Convert a Qwen-style Hugging Face checkpoint into SpikingBrain-7B or -76B (streaming).
 
-    python launch/convert.py SRC DST --target sb7b|sb76b|sb7b-tiny|sb76b-tiny [--dtype bf16|fp32] [--overwrite]
-                             [--max-shard-size 5GB] [--sliding-window N] [--seed 0]
+    python launch/convert.py SRC DST --target sb7b|sb76b|sb7b-tiny|sb76b-tiny [--dtype bf16|fp32]
+                             [--overwrite] [--max-shard-size 5GB] [--sliding-window N] [--seed 0]
+    python launch/convert.py --export CHECKPOINT_OR_RUN_DIR DST [--dtype bf16|fp32] [--overwrite]
 
 The target's dims come from SRC's config.json; its layer plan and GLA/MoE/hybrid settings from
 conf/model/TARGET.yaml. DST is written under a temporary sibling name and renamed when complete.
-Prints one JSON summary line (with peak RSS) on success; errors exit with status 1 and a message.
+--export writes a training checkpoint (train/checkpoint.py; a run directory means its latest one)
+in the same layout, bf16 by default. Prints one JSON summary line (with peak RSS) on success;
+errors exit with status 1 and a message.
 """
 from __future__ import annotations
 
@@ -36,7 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     targets = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "model"))
                      if f.endswith(".yaml") and f.startswith("sb"))
-    ap.add_argument("--target", required=True, choices=targets,
+    ap.add_argument("--export", action="store_true",
+                    help="SRC is a training checkpoint (or a run directory: its latest checkpoint); "
+                         "write it to DST in the same Hugging Face-style layout")
+    ap.add_argument("--target", choices=targets,
                     help="model config whose layer plan and settings the result takes (its dims come "
                          "from SRC); -tiny targets keep the tiny configs' plans, so +model=NAME-tiny "
                          "trains the result")
@@ -53,18 +59,27 @@ def main(argv=None) -> int:
     from model.convert import convert
     from model.hf.checkpoint import parse_size
 
+    if not args.export and args.target is None:
+        ap.error("--target is required (or --export to export a training checkpoint)")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     try:
         parse_size(args.max_shard_size)
-        summary = convert(args.src, args.dst, template(args.target), args.target,
-                          dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype],
-                          overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                          sliding_window=args.sliding_window, seed=args.seed)
+        if args.export:
+            from train.export import export_checkpoint
+
+            summary = export_checkpoint(args.src, args.dst, dtype=dtype, overwrite=args.overwrite,
+                                        max_shard_size=args.max_shard_size)
+        else:
+            summary = convert(args.src, args.dst, template(args.target), args.target, dtype=dtype,
+                              overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                              sliding_window=args.sliding_window, seed=args.seed)
+            summary.pop("mixers"), summary.pop("ffns")
+            summary = {"converted": os.path.abspath(args.dst), **summary}
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    summary.pop("mixers"), summary.pop("ffns")
-    print(json.dumps({"converted": os.path.abspath(args.dst), **summary}))
+    print(json.dumps(summary))
     return 0
 
 

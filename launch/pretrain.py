@@ -51,10 +51,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     from train import run
+    from train.trainer import TrainingError
 
     try:
-        run(cfg)
-    except ValueError as e:  # configuration problems found while building: no traceback needed
+        run(cfg)  # SIGTERM/SIGUSR1: saves a checkpoint, returns normally, exit code 0
+    except (ValueError, TrainingError) as e:  # bad settings or checkpoints, a diverged run
         raise SystemExit(f"error: {e}") from None
     return 0
 

@@ -15,6 +15,7 @@ from model.hf import load_hf_checkpoint
 from parallel import Mesh, parallelize
 from .config import RunConfig
 from .optim import build_optimizer
+from .resume import check_model_config, resolve_resume
 from .trainer import Trainer
 
 log = logging.getLogger("train")
@@ -50,9 +51,14 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     loader.check_vocab(cfg.model.vocab_size)  # token ids the embedding cannot look up
+    resume_from = resolve_resume(cfg)
+    if resume_from:
+        check_model_config(resume_from, cfg.model)  # before allocating anything
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, device=mesh.device, init=not t.init_from)
-    if t.init_from:
+    model = build_model(cfg.model, device=mesh.device, init=not t.init_from or bool(resume_from))
+    if resume_from and t.init_from and mesh.is_main:
+        log.info("train.init_from=%s ignored: resuming from %s", t.init_from, resume_from)
+    elif t.init_from:
         try:
             _, state = load_hf_checkpoint(t.init_from, cfg.model)  # checks dims, names and shapes
         except ValueError as e:
@@ -66,7 +72,10 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
                  f"{counts['total']:,}", f"{counts['active']:,}", mesh.device, mesh.world_size)
     model = parallelize(model, mesh)
     optimizer = build_optimizer(model, t)
-    return Trainer(cfg, mesh, model, optimizer, loader)
+    trainer = Trainer(cfg, mesh, model, optimizer, loader)
+    if resume_from:
+        trainer.resume(resume_from)
+    return trainer
 
 
 def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:

@@ -32,18 +32,24 @@ class TrainConfig:
     init_from: str = ""            # Hugging Face-style directory (launch/convert.py output) to start from
     precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
+    save_every: int = 0            # checkpoint every N steps; 0 = only at the end and on SIGTERM/SIGUSR1
+    keep_checkpoints: int = 3      # newest complete checkpoints kept; 0 = keep all
+    resume: str = "auto"           # auto (run_dir/checkpoints/latest if any), never, or a checkpoint path
+    max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
 
     def __post_init__(self):
         for key in ("max_steps", "global_batch", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("micro_batch", "warmup_steps", "weight_decay", "grad_clip", "lr"):
+        for key in ("micro_batch", "save_every", "keep_checkpoints", "max_skipped_steps", "warmup_steps", "weight_decay", "grad_clip", "lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not self.resume:
+            raise ValueError('train.resume must be "auto", "never" or a checkpoint path, got ""')
         if not self.run_dir:
             raise ValueError("train.run_dir must not be empty")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -20,18 +21,34 @@ class MetricsLogger:
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
-        self._t0, self._loss, self._steps, self._tokens = now, 0.0, 0, 0
+        self._t0, self._loss, self._loss_steps, self._steps, self._tokens = now, 0.0, 0, 0, 0
 
     def add(self, loss: float, tokens: int):
-        self._loss += loss
+        """A non-finite loss (a skipped step) is left out of the mean."""
+        if math.isfinite(loss):
+            self._loss += loss
+            self._loss_steps += 1
         self._steps += 1
         self._tokens += tokens
+
+    def drop_rows_after(self, step: int) -> None:
+        """Keeps the rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(keep) != len(lines):
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
 
     def flush(self, step: int, lr: float, grad_norm: float, total_tokens: int, **extra) -> dict | None:
         if not self._steps:
             return None
         now = time.perf_counter()
-        row = {"step": step, "loss": self._loss / self._steps, "lr": lr, "grad_norm": grad_norm,
+        row = {"step": step, "loss": self._loss / self._loss_steps if self._loss_steps else math.nan, "lr": lr, "grad_norm": grad_norm,
                "tokens": total_tokens, "tokens_per_s": self._tokens / max(now - self._t0, 1e-9), **extra}
         self._reset(now)
         if self.enabled:

@@ -1,17 +1,30 @@
-"""The training loop: gradient accumulation, mixed precision, clipping, schedule, metrics."""
+"""The training loop: gradient accumulation, mixed precision, clipping, schedule, metrics,
+checkpoints, stop signals and skipping of non-finite steps."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
 
 from model.decoder import IGNORE_INDEX
+from parallel.parallelize import unwrap
+from .checkpoint import Checkpointer, stage
 from .metrics import MetricsLogger
 from .optim import lr_at, set_lr
+from .resume import load_checkpoint
 
 log = logging.getLogger("train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
 
 
 class Trainer:
@@ -21,6 +34,11 @@ class Trainer:
     micro-batches and accumulates gradients. The loss is normalised by the number of target
     tokens of the whole global batch, so accumulation and data-parallel size do not change the
     gradient (up to float summation order).
+
+    Checkpoints are saved every `train.save_every` steps, at the end of `fit` and when SIGTERM or
+    SIGUSR1 arrives (then at the end of the current step, after which `fit` returns normally and
+    the process exits with code 0). A step whose loss or gradient norm is NaN/Inf is skipped
+    (no optimizer update) and counted in `skipped_steps`.
     """
 
     def __init__(self, cfg, mesh, model, optimizer, loader):
@@ -33,29 +51,115 @@ class Trainer:
                              f"{self.local_batch} (train.global_batch={t.global_batch} / dp={mesh.dp})")
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0         # in the whole run (saved in checkpoints)
+        self.skipped_in_a_row = 0
         self.metrics = MetricsLogger(t.run_dir, mesh.is_main, t.max_steps)
         self.autocast_dtype = _autocast_dtype(t.precision, mesh.device)
+        self.checkpointer = Checkpointer(t.run_dir, mesh, t.keep_checkpoints)
+        self.saved_step: int | None = None  # step of the newest checkpoint this run holds
+        self.stop_reason: str | None = None
+
+    def resume(self, path: str) -> dict:
+        """Continues from checkpoint directory `path`; returns its state.json."""
+        state = load_checkpoint(path, self, unwrap(self.model))
+        self.saved_step = self.step
+        self.metrics.drop_rows_after(self.step)  # rows a crashed attempt logged past the checkpoint
+        return state
+
+    def save(self, blocking: bool = False) -> None:
+        """Stages the state to CPU now; the files are written in the background unless `blocking`."""
+        self.checkpointer.save(stage(self, unwrap(self.model)), blocking=blocking)
+        self.saved_step = self.step
+
+    def request_stop(self, reason: str) -> None:
+        """Save and stop at the end of the current step (signal handlers call this)."""
+        self.stop_reason = reason
 
     def fit(self) -> list[dict]:
-        """Trains to max_steps; returns the logged metric rows (on every rank)."""
+        """Trains to max_steps (or a stop signal); returns the logged metric rows (on every rank)."""
         t = self.cfg.train
         self.model.train()
         rows = []
-        while self.step < t.max_steps:
-            self.step += 1
-            lr = lr_at(self.step, t)
-            set_lr(self.optimizer, lr)
-            loss, tokens, grad_norm = self.train_step()
-            self.tokens_seen += tokens
-            self.metrics.add(loss, tokens)
-            if self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
-                row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen)
-                if row:
-                    rows.append(row)
+        if self.step >= t.max_steps and self.mesh.is_main:
+            log.info("already at step %d of train.max_steps=%d: nothing to train (raise train.max_steps "
+                     "to continue, or train.resume=never to start over)", self.step, t.max_steps)
+        previous = self._install_signal_handlers()
+        try:
+            while self.step < t.max_steps:
+                self.step += 1
+                lr = lr_at(self.step, t)
+                set_lr(self.optimizer, lr)
+                loss, tokens, grad_norm, skipped = self.train_step()
+                self.tokens_seen += tokens
+                self._count_skip(skipped, loss, grad_norm)
+                self.metrics.add(loss, tokens)
+                if self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
+                    row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen,
+                                             skipped_steps=self.skipped_steps)
+                    if row:
+                        rows.append(row)
+                if self._stop_requested():
+                    self.save()
+                    if self.mesh.is_main:
+                        log.info("%s: saved a checkpoint at step %d and stopping", self.stop_reason, self.step)
+                    break
+                if t.save_every and self.step % t.save_every == 0:
+                    self.save()
+            if self.saved_step != self.step:
+                self.save()
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the original error; finish the write in flight
+                self.checkpointer.wait()
+            raise
+        finally:
+            self._restore_signal_handlers(previous)
+        self.checkpointer.wait()
         return rows
 
-    def train_step(self) -> tuple[float, int, float]:
-        """One optimizer step. Returns (mean token loss over the global batch, global tokens, grad norm)."""
+    def _count_skip(self, skipped: bool, loss: float, grad_norm: float) -> None:
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        if self.mesh.is_main:
+            log.warning("step %d skipped: loss %s, grad_norm %s (%d in a row, %d in all)", self.step,
+                        loss, grad_norm, self.skipped_in_a_row, self.skipped_steps)
+        limit = self.cfg.train.max_skipped_steps
+        if self.skipped_in_a_row > limit:
+            raise TrainingError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                f"norm (step {self.step}); the run has diverged. Lower train.lr, resume "
+                                f"from an earlier checkpoint or raise train.max_skipped_steps={limit}")
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal; all ranks agree so they save the same step."""
+        flag = self.stop_reason is not None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([float(flag)], device=self.mesh.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() and not flag:
+                self.stop_reason = "stop signal on another rank"
+            flag = bool(t.item())
+        return flag
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal.signal only works in the main thread
+        previous = {}
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: self.request_stop(
+                f"received {signal.Signals(signum).name}"))
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def train_step(self) -> tuple[float, int, float, bool]:
+        """One optimizer step. Returns (mean token loss over the global batch, global tokens, grad
+        norm, skipped): a non-finite loss or gradient norm skips the update. Both values are the
+        same on every rank (all-reduced), so all ranks skip together."""
         device = self.mesh.device
         batch = self.loader.next_batch()
         num_targets = _all_reduce_sum((batch["labels"] != IGNORE_INDEX).sum().to(device))
@@ -72,12 +176,14 @@ class Trainer:
             loss.backward()
             loss_sum += out.loss_sum.detach()
         clip = self.cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         clip if clip > 0 else float("inf")))
+        global_loss = float(_all_reduce_sum(loss_sum) / num_targets.clamp(min=1))
+        skipped = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        global_loss = _all_reduce_sum(loss_sum) / num_targets.clamp(min=1)
-        tokens = self.loader.tokens_per_step
-        return float(global_loss), tokens, float(grad_norm)
+        return global_loss, self.loader.tokens_per_step, grad_norm, skipped
 
     def _autocast(self):
         if self.autocast_dtype is None:

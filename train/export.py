@@ -1,0 +1,56 @@
+"""Export a training checkpoint to the Hugging Face-style layout that `launch/convert.py` writes.
+
+A checkpoint directory (`run_dir/checkpoints/step_XXXXXXXX`, see `train.checkpoint`) holds the
+full model state (`model.safetensors`, our parameter names) and the resolved run config
+(`config.yaml`); a run directory or its `checkpoints/` folder stands for its newest complete
+checkpoint (`latest`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from model.convert import save_hf_checkpoint
+from .config import RunConfig, from_dict
+
+MODEL_FILE, CONFIG_FILE, LATEST = "model.safetensors", "config.yaml", "latest"
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory from a checkpoint, `checkpoints/` or run directory path."""
+    for folder in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(folder, LATEST)
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.join(folder, f.read().strip())
+    if os.path.isfile(os.path.join(path, MODEL_FILE)):
+        return path
+    raise ValueError(f"{path}: not a checkpoint (no {MODEL_FILE}) and no checkpoints/{LATEST} to follow")
+
+
+def export_checkpoint(checkpoint: str, dst: str, *, dtype: torch.dtype = torch.bfloat16,
+                      overwrite: bool = False, max_shard_size="5GB") -> dict:
+    """Writes DST (config.json, safetensors shards + index, tokenizer files of the run's
+    `train.init_from` when there are any) from a training checkpoint. Returns a summary."""
+    path = resolve_checkpoint(checkpoint)
+    config_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(config_path) as f:
+            cfg = from_dict(RunConfig, yaml.safe_load(f))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{config_path}: cannot read the run config ({e})") from None
+    model_path = os.path.join(path, MODEL_FILE)
+    try:
+        state = load_file(model_path)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{model_path}: cannot read the model weights ({e})") from None
+    init_from = cfg.train.init_from
+    index = save_hf_checkpoint(state, cfg.model, dst, dtype=dtype, overwrite=overwrite,
+                               max_shard_size=max_shard_size,
+                               tokenizer_from=init_from if init_from and os.path.isdir(init_from) else None)
+    return {"exported": dst, "checkpoint": path, "model": cfg.model.name,
+            "tensors": len(index["weight_map"]), "bytes": index["metadata"]["total_size"],
+            "dtype": str(dtype).removeprefix("torch.")}

@@ -1,0 +1,116 @@
+"""Finding and loading the checkpoint a run continues from (`train.resume`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .checkpoint import (CONFIG_FILE, FORMAT, LATEST, MODEL_FILE, OPTIM_FILE, REQUIRED, STATE_FILE,
+                         checkpoints_dir, latest_checkpoint, rng_file, seed_rng, set_rng_state)
+
+log = logging.getLogger("train")
+
+
+def resolve_resume(cfg) -> str | None:
+    """The checkpoint directory to resume from, or None to start fresh. cfg: RunConfig.
+
+    "auto" follows `run_dir/checkpoints/latest` when it exists; a path may name a checkpoint, a
+    `checkpoints/` folder or a run directory (the last two stand for their `latest`)."""
+    t = cfg.train
+    if t.resume == "never":
+        return None
+    if t.resume == "auto":
+        path = latest_checkpoint(t.run_dir)
+        if path is None:
+            return None
+        check_complete(path, f"{os.path.join(checkpoints_dir(t.run_dir), LATEST)} names {path}, which")
+        return path
+    path = t.resume
+    for folder in (path, checkpoints_dir(path)):
+        if os.path.isfile(os.path.join(folder, LATEST)):
+            with open(os.path.join(folder, LATEST)) as f:
+                path = os.path.join(folder, f.read().strip())
+            break
+    check_complete(path, f"train.resume={t.resume}: {path}")
+    return path
+
+
+def check_complete(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} is not a checkpoint directory")
+    missing = [name for name in REQUIRED if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f"{what} is not a complete checkpoint (missing {', '.join(missing)})")
+    state = read_state(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{os.path.join(path, STATE_FILE)}: not a {FORMAT} state file")
+
+
+def read_state(path: str) -> dict:
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read the checkpoint state ({e})") from None
+
+
+def check_model_config(path: str, model_cfg) -> None:
+    """Refuses a checkpoint whose model settings differ from the run's, naming the first one."""
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            saved = (yaml.safe_load(f) or {}).get("model", {})
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise ValueError(f"{file}: cannot read the run config ({e})") from None
+    current = dataclasses.asdict(model_cfg)
+    for key, value in current.items():
+        if saved.get(key, value) != value:
+            raise ValueError(f"checkpoint {path} was trained with model.{key}={saved[key]!r} but this run "
+                             f"has model.{key}={value!r}; use the checkpoint's model settings or set "
+                             f"train.resume=never (or another train.run_dir)")
+    extra = sorted(set(saved) - set(current))
+    if extra:
+        raise ValueError(f"{file}: unknown model setting model.{extra[0]}")
+
+
+def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
+    """Restores model (strict), optimizer, step, tokens, loader and this rank's RNG from `path`.
+    model: the plain (unwrapped) model. Returns the checkpoint's state.json."""
+    cfg, mesh = trainer.cfg, trainer.mesh
+    state = read_state(path)
+    check_model_config(path, cfg.model)
+    model_file = os.path.join(path, MODEL_FILE)
+    try:
+        weights = load_file(model_file)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{model_file}: cannot read the model weights ({e})") from None
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{model_file}: does not fit the model ({e})") from None
+    optim_file = os.path.join(path, OPTIM_FILE)
+    try:
+        trainer.optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise ValueError(f"{optim_file}: cannot restore the optimizer ({e})") from None
+    try:
+        trainer.loader.load_state_dict(state["loader"])
+        trainer.step, trainer.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        trainer.skipped_steps = int(state.get("skipped_steps", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, STATE_FILE)}: malformed checkpoint state ({e})") from None
+    rng = os.path.join(path, rng_file(mesh.rank))
+    if state.get("world_size") == mesh.world_size and os.path.isfile(rng):
+        set_rng_state(torch.load(rng, weights_only=False))  # our own file: numpy state is not a tensor
+    else:  # a different rank layout: fresh streams from (seed, step, rank)
+        seed_rng(cfg.train.seed, trainer.step, mesh.rank)
+    if mesh.is_main:
+        log.info("resumed from %s at step %d (saved by %d rank(s), now %d)", path, trainer.step,
+                 state.get("world_size", 0), mesh.world_size)
+    return state
