@@ -72,6 +72,31 @@ class HybridConfig:
             raise ValueError(f"model.hybrid.num_sinks must be >= 0, got {self.num_sinks}")
 
 
+SPIKE_TARGETS = ("attn", "mlp", "experts", "router", "head")
+
+
+@dataclass
+class SpikeConfig:
+    """Adaptive-threshold spiking of the inputs of linear projections (SpikingBrain's spike coding).
+
+    Each selected projection sees round(x / V_th) * V_th with V_th = mean(|x|) / k per token, and a
+    straight-through gradient. targets: "attn" (q/k/v/o and gate projections), "mlp" (dense
+    FFNs), "experts" (routed and shared experts, including their down projection's input),
+    "router", "head" (the LM head). The router and head stay full precision by default.
+    """
+
+    enabled: bool = False
+    k: float = 3.0
+    targets: list = field(default_factory=lambda: ["attn", "mlp", "experts"])
+
+    def __post_init__(self):
+        if not self.k > 0:
+            raise ValueError(f"model.spike.k must be > 0, got {self.k}")
+        bad = sorted(set(self.targets) - set(SPIKE_TARGETS))
+        if bad:
+            raise ValueError(f"model.spike.targets: unknown {bad}; choose from {list(SPIKE_TARGETS)}")
+
+
 @dataclass
 class LayerPlan:
     """mixer/ffn: patterns cycled over the layers; mixer_at/ffn_at: overrides by 0-based layer index."""
@@ -124,6 +149,7 @@ class ModelConfig:
     gla: GLAConfig = field(default_factory=GLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",

@@ -128,4 +128,8 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool
         model = Decoder(cfg)
     if init and device.type != "meta":
         model.init_weights()
+    if cfg.spike.enabled:
+        from .spiking import attach_spiking
+
+        attach_spiking(model, cfg.spike)
     return model

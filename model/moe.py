@@ -44,13 +44,15 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, size, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, size, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, size))
+        self.hidden_fn = None  # applied to silu(gate x) * up x before down_proj (spiking sets it)
 
     @property
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
     def forward(self, x_perm, counts):
-        return grouped_swiglu(x_perm, counts, self.gate_proj, self.up_proj, self.down_proj)
+        return grouped_swiglu(x_perm, counts, self.gate_proj, self.up_proj, self.down_proj,
+                              hidden_fn=self.hidden_fn)
 
     def init_weights(self, std: float):
         for p in (self.gate_proj, self.up_proj, self.down_proj):

@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from ..config import GLAConfig, HybridConfig, LayerPlan, ModelConfig, MoEConfig
+from ..config import GLAConfig, HybridConfig, LayerPlan, ModelConfig, MoEConfig, SpikeConfig
 from .checkpoint import HFCheckpoint
 from .qwen2 import qwen2_config, qwen2_from_hf
 
@@ -103,7 +103,7 @@ def model_config_from_hf(hf: dict, name: str | None = None) -> ModelConfig:
         mixers, ffns = sb.pop("mixers"), sb.pop("ffns")
         plan = LayerPlan(mixer=["full"], ffn=["dense"], mixer_at=dict(enumerate(mixers)),
                          ffn_at=dict(enumerate(ffns)))
-        sub = {"gla": GLAConfig, "moe": MoEConfig, "hybrid": HybridConfig}
+        sub = {"gla": GLAConfig, "moe": MoEConfig, "hybrid": HybridConfig, "spike": SpikeConfig}
         kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in sb.items()}
         if name:
             kwargs["name"] = name

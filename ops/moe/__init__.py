@@ -21,10 +21,11 @@ def pick_grouped_swiglu(x_perm: torch.Tensor):
 
 
 def grouped_swiglu(x_perm: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
-                   w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """Apply expert e's SwiGLU ``down(silu(gate x) * up x)`` to its segment of rows.
+                   w_up: torch.Tensor, w_down: torch.Tensor, hidden_fn=None) -> torch.Tensor:
+    """Apply expert e's SwiGLU ``down(h)``, ``h = silu(gate x) * up x``, to its segment of rows.
 
     x_perm ``[M, D]`` grouped by expert (from ``permute``); counts int ``[E]`` (sum M);
-    w_gate, w_up ``[E, F, D]``; w_down ``[E, D, F]``. Returns ``[M, D]``.
+    w_gate, w_up ``[E, F, D]``; w_down ``[E, D, F]``. ``hidden_fn`` (row-wise, e.g. spiking)
+    transforms ``h`` ``[m, F]`` before the down projection. Returns ``[M, D]``.
     """
-    return pick_grouped_swiglu(x_perm)(x_perm, counts, w_gate, w_up, w_down)
+    return pick_grouped_swiglu(x_perm)(x_perm, counts, w_gate, w_up, w_down, hidden_fn=hidden_fn)

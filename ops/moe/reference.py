@@ -77,12 +77,13 @@ def check_expert_weights(x_perm, counts, w_gate, w_up, w_down) -> None:
 
 
 def grouped_swiglu_reference(x_perm: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
-                             w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                             w_up: torch.Tensor, w_down: torch.Tensor, hidden_fn=None) -> torch.Tensor:
     """Apply expert e's SwiGLU to its segment of rows, one expert at a time.
 
     x_perm ``[M, D]`` grouped by expert; counts int ``[E]`` rows per expert (sum M);
     w_gate, w_up ``[E, F, D]``; w_down ``[E, D, F]``. Returns ``[M, D]``.
-    Unused experts get zero weight gradients.
+    Unused experts get zero weight gradients. ``hidden_fn`` (row-wise) transforms the hidden
+    activations ``[m, F]`` before the down projection.
     """
     check_expert_weights(x_perm, counts, w_gate, w_up, w_down)
     sizes = counts.tolist()  # the one host sync of the call
@@ -91,12 +92,13 @@ def grouped_swiglu_reference(x_perm: torch.Tensor, counts: torch.Tensor, w_gate:
                          f"({x_perm.shape[0]}); got {sizes}")
     if x_perm.shape[0] == 0:
         # no rows at all: run expert 0 on nothing so the weights stay in the graph
-        return _swiglu(x_perm, w_gate[0], w_up[0], w_down[0])
+        return _swiglu(x_perm, w_gate[0], w_up[0], w_down[0], hidden_fn)
     segments = torch.split(x_perm, sizes)
-    outs = [_swiglu(seg, w_gate[e], w_up[e], w_down[e])
+    outs = [_swiglu(seg, w_gate[e], w_up[e], w_down[e], hidden_fn)
             for e, seg in enumerate(segments) if seg.shape[0]]
     return torch.cat(outs)
 
 
-def _swiglu(x, w_gate, w_up, w_down):
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+def _swiglu(x, w_gate, w_up, w_down, hidden_fn=None):
+    h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    return F.linear(h if hidden_fn is None else hidden_fn(h), w_down)
