@@ -2,6 +2,7 @@
 
     python launch/bench.py tokenize --mb 20 --out tokenize.json    # prepare_data tokens/s per process
     python launch/bench.py loader --tokens 64000000 --out loader.json  # loader tokens/s from memmaps
+    python launch/bench.py spike --out spike.json                    # spiking kernel vs reference (CUDA)
 
 Results are recorded in docs/BENCHMARKS.md with device, date and command.
 """
@@ -9,7 +10,7 @@ import os
 import runpy
 import sys
 
-BENCHES = {"tokenize": "bench_tokenize.py", "loader": "bench_loader.py"}
+BENCHES = {"tokenize": "bench_tokenize.py", "loader": "bench_loader.py", "spike": "bench_spike.py"}
 
 
 def main() -> None:
