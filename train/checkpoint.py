@@ -10,7 +10,7 @@ Layout (read by `train.export` too)::
         config.yaml         the resolved RunConfig
     run_dir/checkpoints/latest   name of the newest complete checkpoint, rewritten last
 
-Every rank writes its files into `step_XXXXXXXX.tmp-<nonce>` (nonce chosen by rank 0 and
+Every rank writes its files into `step_NNNNNNNN.tmp-<nonce>` (nonce chosen by rank 0 and
 broadcast), fsyncs them and meets the others at a barrier; rank 0 then renames the folder,
 fsyncs the parent and atomically replaces `latest`. A crash anywhere leaves the previous `latest`
 valid; leftover `.tmp-*` folders are never read and are removed by the next save.

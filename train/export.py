@@ -1,6 +1,6 @@
 """Export a training checkpoint to the Hugging Face-style layout that `launch/convert.py` writes.
 
-A checkpoint directory (`run_dir/checkpoints/step_XXXXXXXX`, see `train.checkpoint`) holds the
+A checkpoint directory (`run_dir/checkpoints/step_NNNNNNNN`, see `train.checkpoint`) holds the
 full model state (`model.safetensors`, our parameter names) and the resolved run config
 (`config.yaml`); a run directory or its `checkpoints/` folder stands for its newest complete
 checkpoint (`latest`).
