@@ -13,6 +13,7 @@ from torch import nn
 
 from ops.spike import spike_quantize
 from .moe import Experts
+from .quant import QuantExperts, QuantLinear
 
 
 def target_of(name: str) -> str | None:
@@ -40,9 +41,9 @@ def attach_spiking(model: nn.Module, cfg) -> list:
     hook = functools.partial(_spike_input, cfg.k)
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and target_of(name) in cfg.targets:
+        if isinstance(module, (nn.Linear, QuantLinear)) and target_of(name) in cfg.targets:
             handles.append(module.register_forward_pre_hook(hook))
-        elif isinstance(module, Experts) and "experts" in cfg.targets:
+        elif isinstance(module, (Experts, QuantExperts)) and "experts" in cfg.targets:
             module.hidden_fn = functools.partial(spike_quantize, k=cfg.k)
             handles.append(module.register_forward_pre_hook(hook))
     return handles
@@ -53,5 +54,5 @@ def detach_spiking(model: nn.Module, handles: list) -> None:
     for handle in handles:
         handle.remove()
     for module in model.modules():
-        if isinstance(module, Experts):
+        if isinstance(module, (Experts, QuantExperts)):
             module.hidden_fn = None

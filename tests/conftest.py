@@ -10,3 +10,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run directory holding a checkpoint of sb7b-tiny trained for a few steps (shared)."""
+    from tests.helpers import train_tiny
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    return train_tiny(str(root / "run"), str(root / "cache"))

@@ -37,3 +37,23 @@ def tiny_qwen2(seed: int = 0, *, tie: bool = False, vocab_size: int = 503, hidde
             if name.endswith("bias") or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.1)
     return model
+
+
+def train_tiny(run_dir: str, cache_dir: str, model: str = "sb7b-tiny", steps: int = 6, **spike) -> str:
+    """Trains conf/model/MODEL.yaml for `steps` steps on a small demo corpus (vocab 512, 64-token
+    samples) and returns `run_dir`, which then holds a checkpoint. `spike` overrides
+    model.spike (e.g. enabled=True, k=2.0)."""
+    import dataclasses
+
+    from data.config import DataConfig
+    from train import RunConfig, run
+    from train.config import TrainConfig
+
+    cfg = model_config(model)
+    if spike:
+        cfg = dataclasses.replace(cfg, spike=dataclasses.replace(cfg.spike, **spike))
+    data = DataConfig(seq_len=64, demo_chars=200_000, vocab_size=512, cache_dir=cache_dir)
+    train = TrainConfig(max_steps=steps, global_batch=4, lr=3e-3, warmup_steps=2, log_every=steps,
+                        run_dir=run_dir, seed=7)
+    run(RunConfig(model=cfg, data=data, train=train))
+    return run_dir

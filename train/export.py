@@ -31,10 +31,9 @@ def resolve_checkpoint(path: str) -> str:
     raise ValueError(f"{path}: not a checkpoint (no {MODEL_FILE}) and no checkpoints/{LATEST} to follow")
 
 
-def export_checkpoint(checkpoint: str, dst: str, *, dtype: torch.dtype = torch.bfloat16,
-                      overwrite: bool = False, max_shard_size="5GB") -> dict:
-    """Writes DST (config.json, safetensors shards + index, tokenizer files of the run's
-    `train.init_from` when there are any) from a training checkpoint. Returns a summary."""
+def read_checkpoint(checkpoint: str) -> tuple[str, RunConfig, dict]:
+    """(checkpoint directory, its run config, its model state dict) for a checkpoint, run or
+    `checkpoints/` directory. Errors name the file at fault."""
     path = resolve_checkpoint(checkpoint)
     config_path = os.path.join(path, CONFIG_FILE)
     try:
@@ -47,6 +46,14 @@ def export_checkpoint(checkpoint: str, dst: str, *, dtype: torch.dtype = torch.b
         state = load_file(model_path)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{model_path}: cannot read the model weights ({e})") from None
+    return path, cfg, state
+
+
+def export_checkpoint(checkpoint: str, dst: str, *, dtype: torch.dtype = torch.bfloat16,
+                      overwrite: bool = False, max_shard_size="5GB") -> dict:
+    """Writes DST (config.json, safetensors shards + index, tokenizer files of the run's
+    `train.init_from` when there are any) from a training checkpoint. Returns a summary."""
+    path, cfg, state = read_checkpoint(checkpoint)
     init_from = cfg.train.init_from
     index = save_hf_checkpoint(state, cfg.model, dst, dtype=dtype, overwrite=overwrite,
                                max_shard_size=max_shard_size,

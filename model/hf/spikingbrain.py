@@ -138,6 +138,10 @@ def load_hf_checkpoint(path: str, cfg: ModelConfig | None = None,
     returned config is `cfg` itself. Every expected tensor must be present and no other.
     """
     ckpt = HFCheckpoint(path)
+    if "quantization_config" in ckpt.config:
+        raise ValueError(f"{path}/config.json: a quantized export (quantization_config); its int8 "
+                         f"weights cannot initialise or resume training; load it with "
+                         f"model.hf.quantized.load_quantized")
     found = model_config_from_hf(ckpt.config)
     where = f"{path}/config.json"
     if cfg is not None:

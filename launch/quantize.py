@@ -1,0 +1,64 @@
+"""W8ASpike post-training quantisation: INT8 weights (symmetric, per-group scales) + spikes.
+
+    python launch/quantize.py CHECKPOINT DST [--data SHARDS] [--samples 128] [--eval-samples 64]
+                              [--seq-len L] [--group-size 128] [--k K] [--device auto|cpu|cuda]
+                              [--dtype bf16|fp32] [--overwrite]
+
+CHECKPOINT is a training checkpoint, a run directory (its latest checkpoint) or a directory from
+launch/convert.py (which needs --data: token shards made with its tokenizer). Calibration uses
+the first --samples sequences of the sample text, evaluation the --eval-samples after them. DST
+gets the quantised model (int8 weights + scales, config.json with quantization_config) and
+w8aspike_report.json with the losses of the float, spiking, INT8-only, uncalibrated and
+calibrated W8ASpike models. Prints the report as one JSON line; errors exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="training checkpoint, run directory or converted directory")
+    ap.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    ap.add_argument("--data", default=None, help="token shard directory (launch/prepare_data.py); "
+                    "default: the training run's own data")
+    ap.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    ap.add_argument("--eval-samples", type=int, default=64, help="evaluation sequences (after them)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=128, help="input features per weight scale")
+    ap.add_argument("--k", type=float, default=None, help="spike threshold divisor (default: model.spike.k)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                    help="dtype of the tensors left in floating point")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from train.quantize import w8aspike
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        report = w8aspike(args.checkpoint, args.dst, data_path=args.data, samples=args.samples,
+                          eval_samples=args.eval_samples, seq_len=args.seq_len,
+                          batch_size=args.batch_size, group_size=args.group_size, k=args.k,
+                          seed=args.seed, device=device, overwrite=args.overwrite,
+                          dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

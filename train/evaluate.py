@@ -1,0 +1,122 @@
+"""Evaluation helpers shared by the analysis command lines (`launch/spikes.py`,
+`launch/quantize.py`): load a trained model for inference, draw sample batches, measure loss.
+
+A model comes from either
+- a training checkpoint (`run_dir/checkpoints/step_NNNNNNNN`, or a run directory / `checkpoints/`
+  folder standing for its newest checkpoint): weights plus the run's config, whose `data` section
+  is the default sample text; or
+- a Hugging Face-style directory written by `launch/convert.py` (`config.json` + safetensors):
+  weights and model config only, so the sample text must be given (`data_path`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from data import DataConfig, build_loader
+from model import build_model
+from model.config import ModelConfig
+from .config import RunConfig
+from .export import read_checkpoint
+
+
+@dataclass
+class Loaded:
+    """A model ready for evaluation. `run` is the training run's config (None for an HF dir)."""
+
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    run: RunConfig | None
+    path: str
+
+
+def load_model(path: str, device: str | torch.device = "cpu", *, spike: bool | None = None) -> Loaded:
+    """The model stored at `path` (see the module doc), in eval mode, fp32 on `device`; a
+    W8ASpike export (`launch/quantize.py`) comes back quantised, with its spiking attached.
+
+    `spike` overrides `model.spike.enabled` (None: as stored). Errors name the file at fault.
+    """
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from model.hf import load_hf_checkpoint
+        from model.hf.checkpoint import read_config
+        from model.hf.quantized import is_quantized, load_quantized
+
+        if is_quantized(read_config(path)):  # W8ASpike export: int8 weights, spiking attached
+            if spike is False:
+                raise ValueError(f"{path}: a W8ASpike export always computes with spikes")
+            cfg, model = load_quantized(path, device)
+            return Loaded(model, cfg, None, path)
+        cfg, state = load_hf_checkpoint(path)
+        run = None
+    else:
+        path, run, state = read_checkpoint(path)
+        cfg = run.model
+    if spike is not None:
+        cfg = replace(cfg, spike=replace(cfg.spike, enabled=spike))
+    model = build_model(cfg, device=device, init=False)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the model config ({e})") from None
+    model.eval()
+    return Loaded(model, cfg, run, path)
+
+
+def data_config(loaded: Loaded, data_path: str | None = None, seq_len: int | None = None) -> DataConfig:
+    """The sample text: token shards at `data_path` (from `launch/prepare_data.py`), else the
+    training run's own data. `seq_len` overrides the sample length."""
+    if data_path:
+        if not os.path.isfile(os.path.join(data_path, "manifest.json")):
+            raise ValueError(f"--data {data_path}: not a token shard directory (no manifest.json); "
+                             f"make one with launch/prepare_data.py")
+        cfg = DataConfig(name="shards", path=data_path, seq_len=seq_len or 256)
+    elif loaded.run is None:
+        raise ValueError(f"{loaded.path} holds no training run config, so there is no default sample "
+                         f"text: pass --data with token shards made by its tokenizer")
+    else:
+        cfg = replace(loaded.run.data, prefetch=0)
+        if seq_len:
+            cfg = replace(cfg, seq_len=seq_len)
+    return cfg
+
+
+def sample_batches(cfg: DataConfig, samples: int, *, batch_size: int = 8, seed: int = 0,
+                   skip: int = 0, vocab_size: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`samples` packed sequences ([b, L] batches of at most `batch_size`, CPU), after the first
+    `skip` sequences of the stream seeded with `seed`: calibration and evaluation sets drawn with
+    different `skip` do not overlap."""
+    if samples < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {samples}")
+    loader = build_loader(cfg, seed=seed, global_batch=1)
+    try:
+        if vocab_size is not None:
+            loader.check_vocab(vocab_size)
+        rows = [loader.next_batch() for _ in range(skip + samples)][skip:]
+    finally:
+        loader.close()
+    return [{k: torch.cat([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+            for i in range(0, samples, batch_size)]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (as in training), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches) -> dict:
+    """Mean next-token loss over every target token of `batches`: {"loss", "tokens"}."""
+    device = next(model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    for batch in batches:
+        with autocast(device):
+            out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                        labels=batch["labels"].to(device))
+        loss_sum += float(out.loss_sum)
+        tokens += int(out.num_tokens)
+    return {"loss": loss_sum / max(tokens, 1), "tokens": tokens}
