@@ -24,30 +24,23 @@ if ROOT not in sys.path:
 
 
 def main(argv=None) -> int:
+    from train.evaluate import add_cli_args, resolve_device
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="training checkpoint, run directory or converted directory")
+    add_cli_args(ap, 128, "calibration sequences")
     ap.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    ap.add_argument("--data", default=None, help="token shard directory (launch/prepare_data.py); "
-                    "default: the training run's own data")
-    ap.add_argument("--samples", type=int, default=128, help="calibration sequences")
     ap.add_argument("--eval-samples", type=int, default=64, help="evaluation sequences (after them)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
-    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=128, help="input features per weight scale")
-    ap.add_argument("--k", type=float, default=None, help="spike threshold divisor (default: model.spike.k)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
                     help="dtype of the tensors left in floating point")
-    ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
     import torch
 
     from train.quantize import w8aspike
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        device = resolve_device(args.device)
         report = w8aspike(args.checkpoint, args.dst, data_path=args.data, samples=args.samples,
                           eval_samples=args.eval_samples, seq_len=args.seq_len,
                           batch_size=args.batch_size, group_size=args.group_size, k=args.k,

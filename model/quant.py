@@ -157,15 +157,9 @@ class QuantExperts(nn.Module):
 
 def quantizable(model: nn.Module, targets=QUANT_TARGETS) -> dict[str, nn.Module]:
     """{name: module} of the float projections (`nn.Linear`) and `Experts` that `targets` select."""
-    from .spiking import target_of
+    from .spiking import projections
 
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and target_of(name) in targets:
-            out[name] = module
-        elif isinstance(module, Experts) and "experts" in targets:
-            out[name] = module
-    return out
+    return {n: m for n, m in projections(model, targets).items() if isinstance(m, (nn.Linear, Experts))}
 
 
 @torch.no_grad()

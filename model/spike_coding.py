@@ -330,18 +330,35 @@ def spike_stats(counts, coding: str, window: int = 3,
 
     Binary coding raises ValueError on negative counts. Ratios over an empty tensor are NaN.
     """
+    s = _as_counts(counts)
+    # Every statistic is a function of the count value, so work on the distinct values weighted
+    # by their frequency: one bincount pass over the tensor, the rest is on a few hundred values.
+    return spike_stats_from_histogram(*_value_freq(s, *_minmax(s)), coding, window, hist_range)
+
+
+def spike_stats_from_histogram(values, freq, coding: str, window: int = 3,
+                               hist_range: tuple[int, int] | None = None) -> dict:
+    """``spike_stats`` of counts given as a histogram: distinct integer ``values`` [V] occurring
+    ``freq`` [V] times (non-negative integers; zero frequencies are ignored and repeated values
+    summed, so dense or merged histograms can be passed as they are). Same result as
+    ``spike_stats`` on the tensor holding each value that many times."""
     c = _coding(coding)
     window = int(window)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    s = _as_counts(counts)
-    n = s.numel()
-    lo, hi = _minmax(s)
+    values, freq = _as_counts(values).reshape(-1), _as_counts(freq).reshape(-1)
+    if values.shape != freq.shape:
+        raise ValueError(f"values {tuple(values.shape)} and freq {tuple(freq.shape)} differ in shape")
+    if freq.numel() and int(freq.min()) < 0:
+        raise ValueError("histogram frequencies must be >= 0")
+    present = freq > 0
+    # Sorted distinct values, as from a tensor: duplicates (e.g. merged histograms) are summed.
+    values, inverse = torch.unique(values[present], return_inverse=True)
+    freq = torch.zeros_like(values).index_add_(0, inverse, freq[present])
+    lo, _ = _minmax(values)
     if c == "binary":
         _check_binary(lo)
-    # Every statistic is a function of the count value, so work on the distinct values weighted
-    # by their frequency: one bincount pass over the tensor, the rest is on a few hundred values.
-    values, freq = _value_freq(s, lo, hi)
+    n = int(freq.sum())
     T = steps_needed(values, c)
     steps = steps_needed(values, c, per_element=True)
     # For two's complement every element is written with B = T bits (sign-extended), so spikes
@@ -380,5 +397,5 @@ def all_spike_stats(counts, window: int = 3, hist_range: tuple[int, int] | None 
     return out
 
 
-__all__ = ["CODINGS", "steps_needed", "encode", "decode", "spike_stats", "all_spike_stats",
-           "count_histogram"]
+__all__ = ["CODINGS", "steps_needed", "encode", "decode", "spike_stats",
+           "spike_stats_from_histogram", "all_spike_stats", "count_histogram"]

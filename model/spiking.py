@@ -35,17 +35,28 @@ def _spike_input(k, module, args):
     return (spike_quantize(args[0], k),) + tuple(args[1:])
 
 
+def projections(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """{name: module} of the linear projections (`nn.Linear`, `QuantLinear`) and routed experts
+    (`Experts`, `QuantExperts`) in the target groups `targets`: what spiking (and W8ASpike
+    quantisation) applies to."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, QuantLinear)) and target_of(name) in targets:
+            out[name] = module
+        elif isinstance(module, (Experts, QuantExperts)) and "experts" in targets:
+            out[name] = module
+    return out
+
+
 def attach_spiking(model: nn.Module, cfg) -> list:
     """Spikes the inputs of the projections `cfg.targets` selects (cfg: SpikeConfig). Returns the
     hook handles; safe to call once per model."""
     hook = functools.partial(_spike_input, cfg.k)
     handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, QuantLinear)) and target_of(name) in cfg.targets:
-            handles.append(module.register_forward_pre_hook(hook))
-        elif isinstance(module, (Experts, QuantExperts)) and "experts" in cfg.targets:
+    for module in projections(model, cfg.targets).values():
+        if isinstance(module, (Experts, QuantExperts)):
             module.hidden_fn = functools.partial(spike_quantize, k=cfg.k)
-            handles.append(module.register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(hook))
     return handles
 
 

@@ -35,7 +35,8 @@ class Loaded:
 
 def load_model(path: str, device: str | torch.device = "cpu", *, spike: bool | None = None) -> Loaded:
     """The model stored at `path` (see the module doc), in eval mode, fp32 on `device`; a
-    W8ASpike export (`launch/quantize.py`) comes back quantised, with its spiking attached.
+    W8ASpike export (`launch/quantize.py`) comes back quantised, with its spiking attached
+    unless `spike` is False.
 
     `spike` overrides `model.spike.enabled` (None: as stored). Errors name the file at fault.
     """
@@ -44,10 +45,8 @@ def load_model(path: str, device: str | torch.device = "cpu", *, spike: bool | N
         from model.hf.checkpoint import read_config
         from model.hf.quantized import is_quantized, load_quantized
 
-        if is_quantized(read_config(path)):  # W8ASpike export: int8 weights, spiking attached
-            if spike is False:
-                raise ValueError(f"{path}: a W8ASpike export always computes with spikes")
-            cfg, model = load_quantized(path, device)
+        if is_quantized(read_config(path)):  # W8ASpike export: int8 weights
+            cfg, model = load_quantized(path, device, spiking=spike is not False)
             return Loaded(model, cfg, None, path)
         cfg, state = load_hf_checkpoint(path)
         run = None
@@ -120,3 +119,27 @@ def evaluate_loss(model: torch.nn.Module, batches) -> dict:
         loss_sum += float(out.loss_sum)
         tokens += int(out.num_tokens)
     return {"loss": loss_sum / max(tokens, 1), "tokens": tokens}
+
+
+def add_cli_args(ap, samples: int, samples_help: str) -> None:
+    """The arguments the analysis command lines share: CHECKPOINT, --data, --samples, --seq-len,
+    --batch-size, --k, --seed, --device, --overwrite."""
+    ap.add_argument("checkpoint", help="training checkpoint, run directory or converted directory")
+    ap.add_argument("--data", default=None, help="token shard directory (launch/prepare_data.py); "
+                    "default: the training run's own data")
+    ap.add_argument("--samples", type=int, default=samples, help=samples_help)
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--k", type=float, default=None, help="spike threshold divisor (default: model.spike.k)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample stream")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def resolve_device(choice: str) -> str:
+    """--device auto|cpu|cuda -> "cpu" or "cuda"; asking for CUDA without one is an error."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device on this machine")
+    return choice

@@ -56,9 +56,10 @@ def is_quantized(config: dict) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-def load_quantized(path: str, device: str | torch.device = "cpu"):
+def load_quantized(path: str, device: str | torch.device = "cpu", spiking: bool = True):
     """DST written by `save_quantized` -> (ModelConfig with its spike settings, model in eval
-    mode with int8 projections and spiking attached). Errors name the file at fault."""
+    mode with int8 projections and, unless `spiking` is False, spiking attached). Errors name
+    the file at fault."""
     from ..decoder import build_model
     from ..quant import QUANT_TARGETS, quantize_model
     from ..spiking import attach_spiking
@@ -94,6 +95,7 @@ def load_quantized(path: str, device: str | torch.device = "cpu"):
                 raise ValueError(f"{path}: tensor {found[name]} is {src.dtype} {tuple(src.shape)}, "
                                  f"the model expects {t.dtype} {tuple(t.shape)}")
             t.copy_(src)
-    cfg = dataclasses.replace(cfg, spike=dataclasses.replace(cfg.spike, enabled=True))
-    attach_spiking(model, cfg.spike)
+    cfg = dataclasses.replace(cfg, spike=dataclasses.replace(cfg.spike, enabled=spiking))
+    if spiking:
+        attach_spiking(model, cfg.spike)
     return cfg, model.eval()

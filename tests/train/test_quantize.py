@@ -47,6 +47,11 @@ def test_report_export_and_reload_give_the_same_loss(tiny_run, tmp_path):
     data = data_config(load_model(tiny_run), seq_len=32)
     evals = sample_batches(data, 4, batch_size=4, skip=4)
     assert evaluate_loss(loaded.model, evals)["loss"] == pytest.approx(report["loss"]["w8aspike"], abs=1e-6)
+    # without its spiking (as the firing analysis loads it first) it is the INT8-only model
+    plain = load_model(dst, spike=False)
+    assert not plain.model_cfg.spike.enabled
+    assert not any(m._forward_pre_hooks for m in plain.model.modules())
+    assert evaluate_loss(plain.model, evals)["loss"] == pytest.approx(report["loss"]["w8"], abs=1e-6)
 
 
 def test_moe_model_quantises_its_experts(moe_run, tmp_path):
