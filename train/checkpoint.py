@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from model.hf.checkpoint import save_safetensors
 
 log = logging.getLogger("train")
 
@@ -176,7 +178,7 @@ class Checkpointer:
         os.makedirs(tmp, exist_ok=True)
         _save_torch(staged["rng"], os.path.join(tmp, rng_file(staged["rank"])))
         if self.mesh.is_main:
-            save_file(staged["model"], os.path.join(tmp, MODEL_FILE))
+            save_safetensors(staged["model"], os.path.join(tmp, MODEL_FILE))
             _fsync(os.path.join(tmp, MODEL_FILE))
             _save_torch(staged["optimizer"], os.path.join(tmp, OPTIM_FILE))
             _write_text(os.path.join(tmp, CONFIG_FILE), staged["config"])

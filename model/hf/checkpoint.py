@@ -142,9 +142,8 @@ class ShardWriter:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
         tmp = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._buf, os.path.join(self.out_dir, tmp), metadata={"format": "pt"})
+        save_safetensors(self._buf, os.path.join(self.out_dir, tmp))
         self._shards.append((tmp, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
 
@@ -160,6 +159,24 @@ class ShardWriter:
         with open(os.path.join(self.out_dir, SAFE_INDEX), "w") as f:
             json.dump(index, f, indent=2)
         return index
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # read at import, before any writer thread exists
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the permissions any file gets here (0644 under the usual
+    umask) instead of its private 0600, so checkpoints shared on a cluster stay readable."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, _FILE_MODE)
 
 
 def write_json(path: str, data: dict) -> None:

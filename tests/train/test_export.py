@@ -53,3 +53,18 @@ def test_export_errors_name_the_path(tmp_path):
     r = subprocess.run(CONVERT + ["--export", str(tmp_path), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1 and "model.safetensors" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_written_weights_get_the_usual_permissions(tiny_run, tmp_path):
+    """safetensors alone writes 0600 files; checkpoints and exports follow the umask instead
+    (0644 under 022), so a team can read each other's runs."""
+    import stat
+
+    from train.export import export_checkpoint, resolve_checkpoint
+
+    mask = os.umask(0)
+    os.umask(mask)
+    export_checkpoint(tiny_run, str(tmp_path / "hf"))
+    for path in (os.path.join(resolve_checkpoint(tiny_run), "model.safetensors"),
+                 str(tmp_path / "hf" / "model-00001-of-00001.safetensors")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
