@@ -119,3 +119,26 @@ def test_damaged_export_is_refused_naming_the_file(tiny_run, tmp_path):
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json: quantization_config is incomplete"):
         load_quantized(str(dst))
+
+
+def test_firing_analysis_of_an_export_reads_token_shards(tiny_run, tmp_path):
+    """A W8ASpike export carries no run config: `launch/spikes.py DST --data SHARDS` analyses it
+    (the loss "float" is then INT8 without spikes)."""
+    from data import prepare_demo
+    from data.prepare import prepare_shards
+    from launch.spikes import main as spikes
+
+    dst = str(tmp_path / "q")
+    report = w8aspike(tiny_run, dst, **SMALL)
+    demo = prepare_demo(load_model(tiny_run).run.data)
+    src = tmp_path / "text.jsonl"
+    src.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 6}) + "\n"
+                           for i in range(30)))
+    prepare_shards([str(src)], tmp_path / "shards", tokenizer=demo.tokenizer.path, progress=False)
+    assert spikes([dst, "--samples", "2", "--seq-len", "32"]) == 1  # no run config: needs --data
+    out = tmp_path / "spikes"
+    assert spikes([dst, "--data", str(tmp_path / "shards"), "--samples", "2", "--seq-len", "32",
+                   "--out", str(out)]) == 0
+    got = json.loads((out / "report.json").read_text())
+    assert got["k"] == report["k"] and got["data"]["source"] == "--data"
+    assert got["loss"]["spiking"] != got["loss"]["float"]
