@@ -38,13 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8, help="consecutive tokens shown in the raster")
     args = ap.parse_args(argv)
 
+    from model.hf.checkpoint import check_output_dir
     from train.spike_report import analyze, default_out, save_report
 
     try:
         device = resolve_device(args.device)
-        out = os.path.abspath(args.out or default_out(args.checkpoint))
-        if os.path.exists(out) and not args.overwrite:  # before the slow part
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        out = check_output_dir(args.out or default_out(args.checkpoint), args.overwrite)
         report, raster = analyze(args.checkpoint, data_path=args.data, samples=args.samples,
                                  seq_len=args.seq_len, k=args.k, window=args.window, device=device,
                                  seed=args.seed, batch_size=args.batch_size, raster=args.raster,

@@ -18,7 +18,6 @@ Embeddings, norms, the router and the LM head stay in floating point.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -172,15 +171,15 @@ def input_importance(model: nn.Module, batches, targets=QUANT_TARGETS) -> dict[s
     (up_proj shares gate_proj's input), each expert over the tokens routed to it.
     """
     sums: dict[str, torch.Tensor] = {}
-    tokens: dict[str, torch.Tensor | int] = defaultdict(int)
+    tokens: dict[str, torch.Tensor] = {}
 
-    def add(key, sq, n):
+    def add(key, sq, n):  # n: tokens, a scalar or [E, 1] per expert
         sums[key] = sq if key not in sums else sums[key] + sq
-        tokens[key] = tokens[key] + n
+        tokens[key] = n if key not in tokens else tokens[key] + n
 
     def linear_hook(name, module, args):
         x = args[0].detach().float().flatten(0, -2)
-        add(name, (x * x).sum(0), x.shape[0])
+        add(name, (x * x).sum(0), torch.tensor(float(x.shape[0]), device=x.device))
 
     def experts_hook(name, module, args):
         x, sizes = args[0].detach().float(), args[1].tolist()
@@ -211,8 +210,7 @@ def input_importance(model: nn.Module, batches, targets=QUANT_TARGETS) -> dict[s
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {k: v / (tokens[k].clamp(min=1) if torch.is_tensor(tokens[k]) else max(tokens[k], 1))
-            for k, v in sums.items()}
+    return {k: v / tokens[k].clamp(min=1) for k, v in sums.items()}
 
 
 @torch.no_grad()

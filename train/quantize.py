@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from model.hf.checkpoint import write_json
+from model.hf.checkpoint import check_output_dir, write_json
 from model.hf.quantized import QUANT_METHOD, save_quantized
 from model.quant import CLIP_RATIOS, QUANT_TARGETS, input_importance, quantize_model
 from model.spiking import attach_spiking, detach_spiking
@@ -40,9 +40,7 @@ def w8aspike(checkpoint: str, dst: str, *, data_path: str | None = None, samples
         raise ValueError(f"--k must be > 0, got {k}")
     if eval_samples < 1:
         raise ValueError(f"--eval-samples must be >= 1, got {eval_samples}")
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:  # before the slow part
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    dst = check_output_dir(dst, overwrite)  # before the slow part
     loaded = load_model(checkpoint, device, spike=False)
     model, cfg = loaded.model, loaded.model_cfg
     spike = dataclasses.replace(cfg.spike, enabled=True, k=float(k if k is not None else cfg.spike.k))

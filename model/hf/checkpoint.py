@@ -194,18 +194,26 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     return copied
 
 
-@contextlib.contextmanager
-def atomic_output_dir(dst: str, overwrite: bool = False):
-    """Yields a temporary sibling directory; renames it to `dst` on success, removes it on error.
-
-    An existing `dst` without overwrite is an error raised before anything is written.
-    """
+def check_output_dir(dst: str, overwrite: bool = False) -> str:
+    """The absolute path of output directory `dst`, after checking it may be written: an existing
+    one needs `overwrite`, and its parent must exist. Commands call it before slow work too."""
     dst = os.path.abspath(dst.rstrip("/"))
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"{parent}: output parent directory does not exist")
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str, overwrite: bool = False):
+    """Yields a temporary sibling directory; renames it to `dst` on success, removes it on error.
+
+    An existing `dst` without overwrite is an error raised before anything is written.
+    """
+    dst = check_output_dir(dst, overwrite)
+    parent = os.path.dirname(dst)
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

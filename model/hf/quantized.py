@@ -76,9 +76,12 @@ def load_quantized(path: str, device: str | torch.device = "cpu", spiking: bool 
         raise ValueError(f"{path}/config.json: quantization_config is incomplete ({e!r})") from None
     cfg = model_config_from_hf(ckpt.config)
     cfg = dataclasses.replace(cfg, spike=dataclasses.replace(cfg.spike, enabled=False, **spike))
-    model = build_model(cfg, device=device, init=False)
+    # The structure is built and quantised on the meta device (nothing allocated or computed);
+    # every tensor is then read from the files below.
+    model = build_model(cfg, device="meta")
     targets = q.get("targets", QUANT_TARGETS)
     summary = quantize_model(model, group_size, targets)
+    model.to_empty(device=device)
     if summary["quantized"] != modules:
         raise ValueError(f"{path}/config.json: quantization_config.modules does not match the "
                          f"modules that targets {targets} select in this model")
