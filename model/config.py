@@ -41,6 +41,9 @@ class MoEConfig:
     """Mixture of experts: `num_experts` routed experts (top-k softmax router) plus shared experts.
 
     expert_size 0 means the dense FFN size (`intermediate_size`), as upcycling copies the dense FFN.
+    balance: over which tokens the balance loss counts expert load: "global" (all micro-batches
+    and data-parallel ranks of the optimizer step, so accumulation and dp size leave the gradient
+    unchanged) or "micro" (each micro-batch on its own).
     """
 
     num_experts: int = 16
@@ -48,12 +51,15 @@ class MoEConfig:
     num_shared: int = 1
     expert_size: int = 0
     aux_loss_coef: float = 0.01
+    balance: str = "global"
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"model.moe.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.num_shared < 0 or self.expert_size < 0 or self.aux_loss_coef < 0:
             raise ValueError("model.moe.num_shared, expert_size and aux_loss_coef must be >= 0")
+        if self.balance not in ("global", "micro"):
+            raise ValueError(f"model.moe.balance must be 'global' or 'micro', got {self.balance!r}")
 
 
 @dataclass

@@ -1,11 +1,20 @@
 """Parallel layout settings (`parallel.*`)."""
 from dataclasses import dataclass
 
+ZERO_STAGES = (0, 1, 2, 3)
+
 
 @dataclass
 class ParallelConfig:
-    """Degrees of each strategy; dp=0 means "whatever the world size leaves" (world / (pp*ep*sp)).
+    """Degrees of each strategy and the data-parallel engine's settings.
 
+    dp: data-parallel degree; 0 means "whatever the world size leaves" (world / (pp*ep*sp)).
+    zero_stage: -1 = auto (1 when dp > 1, else 0). 0 replicates everything (DDP); 1 shards the
+        optimizer state and the fp32 master weights, reducing gradients once per step; 2 also
+        reduce-scatters gradients after every micro-batch (sharded gradient accumulation); 3 also
+        frees each block's gathered weights after its forward and gathers them again for backward.
+    offload_optimizer: keep the sharded master weights, gradients and AdamW state in host memory
+        and step the optimizer on the CPU (ZeRO-3 on CUDA only).
     backend: "auto" picks nccl with CUDA and gloo otherwise.
     """
 
@@ -13,6 +22,8 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     sp: int = 1
+    zero_stage: int = -1
+    offload_optimizer: bool = False
     backend: str = "auto"
 
     def __post_init__(self):
@@ -21,5 +32,16 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
         if self.dp < 0:
             raise ValueError(f"parallel.dp must be >= 0 (0 = derive from the world size), got {self.dp}")
+        if self.zero_stage != -1 and self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"parallel.zero_stage must be 0, 1, 2, 3 or -1 (auto), got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage not in (-1, 3):
+            raise ValueError(f"parallel.offload_optimizer=true needs parallel.zero_stage=3 (the engine "
+                             f"offloads sharded state only), got zero_stage={self.zero_stage}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
+
+    def stage_for(self, dp: int) -> int:
+        """The ZeRO stage in force for a data-parallel size `dp`."""
+        if self.zero_stage == -1:
+            return 3 if self.offload_optimizer else (1 if dp > 1 else 0)
+        return self.zero_stage

@@ -11,6 +11,8 @@ from data.config import DataConfig
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
 
+RECOMPUTE = ("none", "full", "selective")
+
 
 @dataclass
 class TrainConfig:
@@ -36,6 +38,7 @@ class TrainConfig:
     keep_checkpoints: int = 3      # newest complete checkpoints kept; 0 = keep all
     resume: str = "auto"           # auto (run_dir/checkpoints/latest if any), never, or a checkpoint path
     max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
+    recompute: str = "none"        # activation recomputation: none, full (whole blocks) or selective
 
     def __post_init__(self):
         for key in ("max_steps", "global_batch", "log_every"):
@@ -48,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"train.recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if not self.resume:
             raise ValueError('train.resume must be "auto", "never" or a checkpoint path, got ""')
         if not self.run_dir:

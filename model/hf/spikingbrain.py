@@ -124,8 +124,8 @@ def check_config(expected: ModelConfig, found: ModelConfig, where: str) -> None:
             continue
         a, b = dataclasses.asdict(getattr(expected, sub)), dataclasses.asdict(getattr(found, sub))
         for k in a:
-            if sub == "moe" and k == "aux_loss_coef":
-                continue  # a training choice, not part of the weights
+            if sub == "moe" and k in ("aux_loss_coef", "balance"):
+                continue  # training choices, not part of the weights
             if a[k] != b[k]:
                 raise ValueError(f"model.{sub}.{k}={a[k]} but {where} has {sub}.{k}={b[k]}")
 
