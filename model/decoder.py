@@ -93,22 +93,18 @@ class Decoder(nn.Module):
         return DecoderOutput(None, loss_sum, (labels != IGNORE_INDEX).sum(), aux)
 
     # -- weights ---------------------------------------------------------------------------
+    def weight_parts(self) -> list[nn.Module]:
+        """The units whose weights are initialised together, in a fixed order: the embeddings,
+        each block, the final norm and the LM head. Sharded engines materialise one unit at a
+        time at full size, so a rank never holds more than one unit's full weights at once."""
+        parts = [self.embeddings, *self.layers, self.norm]
+        return parts + ([self.lm_head] if self.lm_head is not None else [])
+
     @torch.no_grad()
     def init_weights(self):
-        """Fresh initialisation: normal(0, init_std) linears and embeddings, unit norms; mixers
-        and MoE layers then apply their own rules (GLA xavier gain 2^-2.5, small sinks)."""
-        std = self.cfg.init_std
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                init_linear(m, std=std)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RMSNorm):
-                m.init_weights()
-        for block in self.layers:
-            for part in (block.attn, block.mlp):
-                if hasattr(part, "init_weights"):
-                    part.init_weights()
+        """Fresh initialisation, unit by unit (`weight_parts`), from the global torch RNG."""
+        for part in self.weight_parts():
+            init_part(part, self.cfg.init_std)
 
     def num_params(self) -> dict[str, int]:
         """Total parameters, and those active for one token (top-k of the routed experts)."""
@@ -121,13 +117,37 @@ class Decoder(nn.Module):
         return {"total": total, "active": total - inactive}
 
 
+@torch.no_grad()
+def init_part(part: nn.Module, std: float) -> None:
+    """Initialises one unit of `Decoder.weight_parts()`: normal(0, std) linears and embeddings,
+    unit norms; a block's mixer and MoE layer then apply their own rules (GLA xavier gain 2^-2.5,
+    small sinks, experts)."""
+    for m in part.modules():
+        if isinstance(m, nn.Linear):
+            init_linear(m, std=std)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, RMSNorm):
+            m.init_weights()
+    if isinstance(part, Block):
+        for sub in (part.attn, part.mlp):
+            if hasattr(sub, "init_weights"):
+                sub.init_weights()
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> Decoder:
-    """Builds on `device` ("meta" allocates nothing). Parameters stay fp32 (autocast handles bf16)."""
+    """Builds on `device` ("meta" allocates nothing). Parameters stay fp32 (autocast handles bf16).
+
+    The module is always constructed on the meta device and then given storage, so construction
+    draws nothing from the RNG: `init` (`init_weights`) alone decides the weights, the same ones
+    a sharded build gets. With init=False the weights are uninitialised memory, to be loaded."""
     device = torch.device(device)
-    with device:
+    with torch.device("meta"):
         model = Decoder(cfg)
-    if init and device.type != "meta":
-        model.init_weights()
+    if device.type != "meta":
+        model.to_empty(device=device)
+        if init:
+            model.init_weights()
     if cfg.spike.enabled:
         from .spiking import attach_spiking
 

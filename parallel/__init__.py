@@ -1,6 +1,7 @@
-"""Process mesh, parallel configuration and `parallelize()`."""
+"""Process mesh, collectives, the data-parallel engine and `parallelize()`."""
 from .config import ParallelConfig
+from .engine import Engine
 from .mesh import Mesh
 from .parallelize import parallelize, unwrap
 
-__all__ = ["ParallelConfig", "Mesh", "parallelize", "unwrap"]
+__all__ = ["ParallelConfig", "Mesh", "Engine", "parallelize", "unwrap"]

@@ -1,7 +1,15 @@
-"""Process mesh: the world split into data, pipeline, expert and sequence parallel degrees.
+"""Process mesh: the world laid out as named axes over `torch.distributed.device_mesh`.
+
+Axes, outermost first: `pp` (pipeline stages), the data-parallel axes `dp_replicate` and
+`dp_shard` (ZeRO stage 0 replicates over all dp ranks, stages 1-3 shard over them; expert
+parallelism will be carved out of data parallelism), `sp` (sequence parallel, innermost so a
+sequence's ranks share a node). `dp` is the two data-parallel axes flattened into one. A rank's
+data coordinate, and the groups the trainer talks over, come from the mesh, never from the global
+rank.
 
 A process started by `torchrun` joins the default process group (NCCL on CUDA, gloo on CPU); a
-plain `python` process is a world of one without any process group, and takes the same code path.
+plain `python` process is a world of one without any process group, and takes the same code path
+(every collective in `parallel.comm` is then the identity).
 """
 from __future__ import annotations
 
@@ -10,16 +18,19 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ParallelConfig
 
+AXES = ("pp", "dp_replicate", "dp_shard", "sp")
 # Strategies whose engines land in later issues; the mesh refuses them instead of running a
 # silently different layout.
 _PENDING = {"pp": "pipeline parallelism", "ep": "expert parallelism", "sp": "sequence parallelism"}
 
 
 class Mesh:
-    """rank/world of this process, the device it drives, and the degree of each strategy."""
+    """rank/world of this process, the device it drives, the degree of each strategy and the
+    `DeviceMesh` (None in a world of one) with axes `AXES` (and the flattened `dp`)."""
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -36,16 +47,49 @@ class Mesh:
             raise ValueError(f"parallel.dp={cfg.dp or 'auto'} x pp={cfg.pp} x ep={cfg.ep} x sp={cfg.sp} "
                              f"does not match the world size {self.world_size} (torchrun --nproc-per-node x nodes)")
         self.dp, self.pp, self.ep, self.sp = dp, cfg.pp, cfg.ep, cfg.sp
+        self.zero_stage = cfg.stage_for(dp)
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.world_size > 1 and "MASTER_ADDR" not in os.environ and not dist.is_initialized():
+            raise ValueError(f"WORLD_SIZE={self.world_size} but no MASTER_ADDR: start multi-rank runs with "
+                             f"torchrun (e.g. torchrun --nproc-per-node {self.world_size} launch/pretrain.py ...)")
         if "MASTER_ADDR" in os.environ and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(minutes=30))
+        self.device_mesh: DeviceMesh | None = None
+        if dist.is_initialized() and self.world_size > 1:
+            replicate, shard = (dp, 1) if self.zero_stage == 0 else (1, dp)
+            self.device_mesh = init_device_mesh(self.device.type, (self.pp, replicate, shard, self.sp),
+                                                mesh_dim_names=AXES)
+            self.device_mesh["dp_replicate", "dp_shard"]._flatten("dp")
+
+    def coordinate(self, axis: str) -> int:
+        """This rank's index along `axis` (0 in a world of one)."""
+        return self.device_mesh.get_local_rank(axis) if self.device_mesh is not None else 0
+
+    def group(self, axis: str):
+        """The process group of `axis` (None in a world of one: collectives are identities)."""
+        return self.device_mesh.get_group(axis) if self.device_mesh is not None else None
+
+    @property
+    def world_group(self):
+        """Every rank (None in a world of one)."""
+        return dist.group.WORLD if self.device_mesh is not None else None
 
     @property
     def dp_rank(self) -> int:
-        return self.rank  # data parallelism is the only strategy a rank can differ by for now
+        return self.coordinate("dp")
+
+    @property
+    def dp_group(self):
+        return self.group("dp")
+
+    def submesh(self, *axes: str) -> DeviceMesh | None:
+        """The mesh over `axes` (e.g. `submesh("dp_replicate", "dp_shard")`); None in a world of one."""
+        if self.device_mesh is None:
+            return None
+        return self.device_mesh[axes[0] if len(axes) == 1 else axes]
 
     @property
     def is_main(self) -> bool:

@@ -1,24 +1,42 @@
 """`parallelize()`: the only place parallel strategies are applied to a plain model.
 
-Data parallelism here is PyTorch DDP (gradient all-reduce, averaged over ranks); the DeepSpeed
-ZeRO engine, pipeline, expert and sequence parallelism plug in at this same function.
+Order: activation recomputation wraps the blocks, then the data-parallel engine shards the
+(meta-built) model. Pipeline, expert and sequence parallelism plug in at this same function.
 """
 from __future__ import annotations
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
+from .engine import Engine, shard
 from .mesh import Mesh
+from .recompute import apply_recompute
 
 
-def parallelize(model: torch.nn.Module, mesh: Mesh) -> torch.nn.Module:
-    """model: single-device module already on mesh.device. Returns the module to train."""
-    if mesh.dp > 1:
-        ids = [mesh.device.index] if mesh.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    return model
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA unless `train.precision=fp32`; None (fp32 throughout) on CPU or fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
+    """model: a plain Decoder, normally on the meta device; cfg: RunConfig. Returns the engine
+    whose `module` is the model to train (weights still to be materialised and filled)."""
+    offload = cfg.parallel.offload_optimizer
+    if offload and mesh.device.type != "cuda":
+        raise ValueError("parallel.offload_optimizer=true offloads GPU state to host memory; this run "
+                         f"trains on {mesh.device}: set parallel.offload_optimizer=false")
+    if offload and mesh.dp == 1:
+        raise ValueError("parallel.offload_optimizer=true needs the sharded engine (data-parallel size > 1, "
+                         "started with torchrun); with one rank set parallel.offload_optimizer=false")
+    apply_recompute(model.layers, cfg.train.recompute)
+    sharded = mesh.dp > 1
+    if sharded:
+        shard(model, mesh.submesh("dp_replicate", "dp_shard"), mesh.zero_stage,
+              compute_dtype(cfg.train.precision, mesh.device), offload)
+    return Engine(model, mesh.zero_stage, sharded, offload and sharded)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside whatever parallelize() wrapped it in."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The plain model (FSDP2 shards in place, so this is the model itself)."""
+    return model.module if isinstance(model, Engine) else model

@@ -11,8 +11,10 @@ import yaml
 
 from data import build_loader
 from model import build_model
-from model.hf import load_hf_checkpoint
+from model.decoder import init_part
+from model.hf import HFStateReader
 from parallel import Mesh, parallelize
+from parallel.materialize import init_weights, load_weights, materialize
 from .config import RunConfig
 from .optim import build_optimizer
 from .resume import check_model_config, resolve_resume
@@ -54,28 +56,39 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     resume_from = resolve_resume(cfg)
     if resume_from:
         check_model_config(resume_from, cfg.model)  # before allocating anything
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, device=mesh.device, init=not t.init_from or bool(resume_from))
-    if resume_from and t.init_from and mesh.is_main:
-        log.info("train.init_from=%s ignored: resuming from %s", t.init_from, resume_from)
+    model = build_model(cfg.model, device="meta")
+    engine = parallelize(model, mesh, cfg)  # shards the meta model: no rank holds full weights
+    materialize(model, torch.device("cpu") if engine.offload else mesh.device)
+    if resume_from:  # filled with this rank's rows by trainer.resume below
+        if t.init_from and mesh.is_main:
+            log.info("train.init_from=%s ignored: resuming from %s", t.init_from, resume_from)
     elif t.init_from:
-        try:
-            _, state = load_hf_checkpoint(t.init_from, cfg.model)  # checks dims, names and shapes
-        except ValueError as e:
-            raise ValueError(f"train.init_from: {e}") from e
-        model.load_state_dict(state, strict=True)
+        load_init_from(model, t.init_from, cfg.model)
         if mesh.is_main:
             log.info("weights from %s", t.init_from)
+    else:
+        torch.manual_seed(t.seed)  # the same full model on every rank and for every layout
+        init_weights(model, lambda part: init_part(part, cfg.model.init_std), mesh.device)
     counts = model.num_params()
     if mesh.is_main:
-        log.info("model %s: %s parameters (%s active) on %s, world %d", cfg.model.name,
-                 f"{counts['total']:,}", f"{counts['active']:,}", mesh.device, mesh.world_size)
-    model = parallelize(model, mesh)
+        log.info("model %s: %s parameters (%s active) on %s, world %d, ZeRO stage %d, recompute %s",
+                 cfg.model.name, f"{counts['total']:,}", f"{counts['active']:,}", mesh.device,
+                 mesh.world_size, mesh.zero_stage, t.recompute)
     optimizer = build_optimizer(model, t)
-    trainer = Trainer(cfg, mesh, model, optimizer, loader)
+    trainer = Trainer(cfg, mesh, engine, optimizer, loader)
     if resume_from:
         trainer.resume(resume_from)
     return trainer
+
+
+def load_init_from(model, path: str, model_cfg) -> None:
+    """Fills the (sharded) model from the converted checkpoint `path`, each rank reading only
+    the rows it owns."""
+    try:
+        reader = HFStateReader(path, model_cfg)  # checks dims, names and shapes before any read
+        load_weights(model, reader.rows)
+    except ValueError as e:
+        raise ValueError(f"train.init_from: {e}") from e
 
 
 def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:

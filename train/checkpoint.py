@@ -3,10 +3,14 @@
 Layout (read by `train.export` too)::
 
     run_dir/checkpoints/step_00000100/
-        model.safetensors   full model state dict, our parameter names, fp32 (rank 0)
-        optimizer.pt        optimizer state_dict (rank 0; data-parallel replicas are identical)
+        shards/             `torch.distributed.checkpoint` folder: every rank writes the rows it
+                            owns of the model (`model.<name>`, fp32, our parameter names) and of
+                            the AdamW state (`optim.*`); `.metadata` (global shapes and where each
+                            row range lives) is written last. Any data-parallel size or ZeRO stage
+                            can read it back: each rank reads only the rows it owns.
         rng_rank{r}.pt      each rank's python, numpy, torch CPU (and CUDA) RNG states
-        state.json          format, version, step, tokens_seen, skipped_steps, loader, world_size, dp, time
+        state.json          format, version, step, tokens_seen, skipped_steps, loader, world_size,
+                            dp, zero_stage, time
         config.yaml         the resolved RunConfig
     run_dir/checkpoints/latest   name of the newest complete checkpoint, rewritten last
 
@@ -26,21 +30,26 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 import yaml
-from safetensors.torch import load_file
-
-from model.hf.checkpoint import save_safetensors
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 log = logging.getLogger("train")
+# a world of one saves and loads without a process group on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-FORMAT, VERSION = "spikingbrain-checkpoint", 1
-MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE, LATEST = (
-    "model.safetensors", "optimizer.pt", "state.json", "config.yaml", "latest")
-REQUIRED = (MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE)
+FORMAT, VERSION = "spikingbrain-checkpoint", 2
+SHARDS_DIR, STATE_FILE, CONFIG_FILE, LATEST = "shards", "state.json", "config.yaml", "latest"
+METADATA = os.path.join(SHARDS_DIR, ".metadata")  # written last by torch.distributed.checkpoint
+REQUIRED = (METADATA, STATE_FILE, CONFIG_FILE)
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -79,16 +88,6 @@ def complete_checkpoints(run_dir: str) -> list[str]:
 # Staging (synchronous, main thread): everything copied to CPU memory so training can go on.
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -112,18 +111,52 @@ def seed_rng(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(derived)
 
 
+def sharded_state(model: torch.nn.Module, optimizer) -> dict:
+    """{"model": ..., "optim": ...} keyed by parameter name, with this rank's shards (DTensors
+    under the sharded engine, plain tensors in a world of one): what `shards/` holds."""
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+class CheckpointTensors(Mapping):
+    """The full model tensors of a checkpoint's `shards/` (our parameter names), read one tensor at
+    a time on access, in a single process (exports, evaluation)."""
+
+    def __init__(self, path: str):
+        self.folder = os.path.join(path, SHARDS_DIR)
+        try:
+            self._reader = dcp.FileSystemReader(self.folder)
+            meta = self._reader.read_metadata().state_dict_metadata
+        except (Exception, CheckpointException) as e:  # missing or damaged .metadata
+            raise ValueError(f"{os.path.join(path, METADATA)}: cannot read the checkpoint index ({e})") from None
+        self._shapes = {k[len("model."):]: (tuple(v.size), v.properties.dtype) for k, v in meta.items()
+                        if k.startswith("model.") and hasattr(v, "size")}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, dtype = self._shapes[name]
+        out = torch.empty(shape, dtype=dtype)
+        try:
+            dcp.load({"model": {name: out}}, storage_reader=self._reader, no_dist=True)
+        except (Exception, CheckpointException) as e:  # a damaged or missing shard file
+            raise ValueError(f"{self.folder}: cannot read tensor {name} ({e})") from None
+        return out
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
 def stage(trainer, model: torch.nn.Module) -> dict:
-    """Copies of everything a checkpoint holds. model: the plain (unwrapped) model."""
+    """Copies (in CPU memory) of everything a checkpoint holds. model: the plain model."""
     mesh, cfg = trainer.mesh, trainer.cfg
-    staged = {"step": trainer.step, "rank": mesh.rank, "rng": rng_state()}
+    staged = {"step": trainer.step, "rank": mesh.rank, "rng": rng_state(),
+              "shards": trainer.checkpointer.stager.stage(sharded_state(model, trainer.optimizer))}
     if mesh.is_main:
-        staged["model"] = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
-                           for k, v in model.state_dict().items()}
-        staged["optimizer"] = _to_cpu(trainer.optimizer.state_dict())
         staged["state"] = {"format": FORMAT, "version": VERSION, "step": trainer.step,
                            "tokens_seen": trainer.tokens_seen, "skipped_steps": trainer.skipped_steps,
                            "loader": trainer.loader.state_dict(), "world_size": mesh.world_size,
-                           "dp": mesh.dp, "time": time.time()}
+                           "dp": mesh.dp, "zero_stage": mesh.zero_stage, "time": time.time()}
         staged["config"] = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     return staged
 
@@ -142,6 +175,8 @@ class Checkpointer:
     def __init__(self, run_dir: str, mesh, keep: int):
         self.folder, self.mesh, self.keep = checkpoints_dir(run_dir), mesh, keep
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # on CUDA the staging buffers are pinned and reused by every save (one shard of host memory)
+        self.stager = BlockingAsyncStager(cache_staged_state_dict=mesh.device.type == "cuda")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_saved_step: int | None = None
@@ -177,10 +212,13 @@ class Checkpointer:
     def _write(self, staged: dict, tmp: str) -> None:
         os.makedirs(tmp, exist_ok=True)
         _save_torch(staged["rng"], os.path.join(tmp, rng_file(staged["rank"])))
+        shards = os.path.join(tmp, SHARDS_DIR)
+        # collectives of the save (plan, metadata) go over this thread's own gloo group
+        # (its file writer fsyncs every file it writes)
+        dcp.save(staged["shards"], checkpoint_id=shards, process_group=self.group,
+                 no_dist=self.group is None)
         if self.mesh.is_main:
-            save_safetensors(staged["model"], os.path.join(tmp, MODEL_FILE))
-            _fsync(os.path.join(tmp, MODEL_FILE))
-            _save_torch(staged["optimizer"], os.path.join(tmp, OPTIM_FILE))
+            _fsync(shards)
             _write_text(os.path.join(tmp, CONFIG_FILE), staged["config"])
             _write_text(os.path.join(tmp, STATE_FILE), json.dumps(staged["state"], indent=1))
         if self.group is not None:

@@ -1,9 +1,10 @@
 """Export a training checkpoint to the Hugging Face-style layout that `launch/convert.py` writes.
 
 A checkpoint directory (`run_dir/checkpoints/step_NNNNNNNN`, see `train.checkpoint`) holds the
-full model state (`model.safetensors`, our parameter names) and the resolved run config
-(`config.yaml`); a run directory or its `checkpoints/` folder stands for its newest complete
-checkpoint (`latest`).
+model state sharded over the ranks that wrote it (`shards/`, our parameter names) and the
+resolved run config (`config.yaml`); a run directory or its `checkpoints/` folder stands for its
+newest complete checkpoint (`latest`). Tensors are read one at a time, whatever the number of
+ranks or the ZeRO stage that wrote them.
 """
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ import os
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from model.convert import save_hf_checkpoint
+from .checkpoint import CONFIG_FILE, LATEST, METADATA, CheckpointTensors
 from .config import RunConfig, from_dict
-
-MODEL_FILE, CONFIG_FILE, LATEST = "model.safetensors", "config.yaml", "latest"
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -26,14 +25,14 @@ def resolve_checkpoint(path: str) -> str:
         if os.path.isfile(latest):
             with open(latest) as f:
                 return os.path.join(folder, f.read().strip())
-    if os.path.isfile(os.path.join(path, MODEL_FILE)):
+    if os.path.isfile(os.path.join(path, METADATA)):
         return path
-    raise ValueError(f"{path}: not a checkpoint (no {MODEL_FILE}) and no checkpoints/{LATEST} to follow")
+    raise ValueError(f"{path}: not a checkpoint (no {METADATA}) and no checkpoints/{LATEST} to follow")
 
 
-def read_checkpoint(checkpoint: str) -> tuple[str, RunConfig, dict]:
-    """(checkpoint directory, its run config, its model state dict) for a checkpoint, run or
-    `checkpoints/` directory. Errors name the file at fault."""
+def read_checkpoint(checkpoint: str) -> tuple[str, RunConfig, CheckpointTensors]:
+    """(checkpoint directory, its run config, its model tensors read on access) for a checkpoint,
+    run or `checkpoints/` directory. Errors name the file at fault."""
     path = resolve_checkpoint(checkpoint)
     config_path = os.path.join(path, CONFIG_FILE)
     try:
@@ -41,12 +40,7 @@ def read_checkpoint(checkpoint: str) -> tuple[str, RunConfig, dict]:
             cfg = from_dict(RunConfig, yaml.safe_load(f))
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"{config_path}: cannot read the run config ({e})") from None
-    model_path = os.path.join(path, MODEL_FILE)
-    try:
-        state = load_file(model_path)
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{model_path}: cannot read the model weights ({e})") from None
-    return path, cfg, state
+    return path, cfg, CheckpointTensors(path)
 
 
 def export_checkpoint(checkpoint: str, dst: str, *, dtype: torch.dtype = torch.bfloat16,

@@ -7,11 +7,15 @@ import logging
 import os
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 import yaml
-from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
-from .checkpoint import (CONFIG_FILE, FORMAT, LATEST, MODEL_FILE, OPTIM_FILE, REQUIRED, STATE_FILE,
-                         checkpoints_dir, latest_checkpoint, rng_file, seed_rng, set_rng_state)
+from .checkpoint import (CONFIG_FILE, FORMAT, LATEST, REQUIRED, SHARDS_DIR, STATE_FILE, VERSION,
+                         checkpoints_dir, latest_checkpoint, rng_file, seed_rng, set_rng_state,
+                         sharded_state)
 
 log = logging.getLogger("train")
 
@@ -49,6 +53,11 @@ def check_complete(path: str, what: str) -> None:
     state = read_state(path)
     if state.get("format") != FORMAT:
         raise ValueError(f"{os.path.join(path, STATE_FILE)}: not a {FORMAT} state file")
+    if state.get("version") != VERSION:
+        raise ValueError(f"{os.path.join(path, STATE_FILE)}: checkpoint format version "
+                         f"{state.get('version')}, this version of the framework reads version {VERSION} "
+                         f"(sharded {SHARDS_DIR}/); export it to a Hugging Face directory with the "
+                         f"version that wrote it and continue with train.init_from")
 
 
 def read_state(path: str) -> dict:
@@ -85,20 +94,15 @@ def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
     cfg, mesh = trainer.cfg, trainer.mesh
     state = read_state(path)
     check_model_config(path, cfg.model)
-    model_file = os.path.join(path, MODEL_FILE)
+    shards = os.path.join(path, SHARDS_DIR)
+    target = sharded_state(model, trainer.optimizer)  # this rank's shards, in the layout of this run
     try:
-        weights = load_file(model_file)
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{model_file}: cannot read the model weights ({e})") from None
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{model_file}: does not fit the model ({e})") from None
-    optim_file = os.path.join(path, OPTIM_FILE)
-    try:
-        trainer.optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
-    except Exception as e:
-        raise ValueError(f"{optim_file}: cannot restore the optimizer ({e})") from None
+        dcp.load(target, checkpoint_id=shards)  # reads only this rank's rows, resharding as needed
+    except (Exception, CheckpointException) as e:  # damaged or missing shard files, tensors that do not fit the model
+        raise ValueError(f"{shards}: cannot restore the model and optimizer ({_first_line(e)})") from None
+    options = StateDictOptions(strict=True)
+    set_model_state_dict(model, target["model"], options=options)
+    set_optimizer_state_dict(model, trainer.optimizer, target["optim"], options=options)
     try:
         trainer.loader.load_state_dict(state["loader"])
         trainer.step, trainer.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -114,3 +118,12 @@ def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
         log.info("resumed from %s at step %d (saved by %d rank(s), now %d)", path, trainer.step,
                  state.get("world_size", 0), mesh.world_size)
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    # torch.distributed.checkpoint wraps per-rank failures in long reports: keep the cause
+    for line in text.splitlines():
+        if "Error" in line and ":" in line:
+            return line.strip()[:500]
+    return text.splitlines()[0][:500] if text else type(e).__name__

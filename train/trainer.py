@@ -9,10 +9,10 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
 
 from model.decoder import IGNORE_INDEX
-from parallel.parallelize import unwrap
+from parallel import comm
+from parallel.parallelize import compute_dtype
 from .checkpoint import Checkpointer, stage
 from .metrics import MetricsLogger
 from .optim import lr_at, set_lr
@@ -41,8 +41,10 @@ class Trainer:
     (no optimizer update) and counted in `skipped_steps`.
     """
 
-    def __init__(self, cfg, mesh, model, optimizer, loader):
-        self.cfg, self.mesh, self.model, self.optimizer, self.loader = cfg, mesh, model, optimizer, loader
+    def __init__(self, cfg, mesh, engine, optimizer, loader):
+        """engine: `parallel.Engine` (the model to train and its data-parallel engine)."""
+        self.cfg, self.mesh, self.engine, self.optimizer, self.loader = cfg, mesh, engine, optimizer, loader
+        self.model = engine.module
         t = cfg.train
         self.local_batch = t.global_batch // mesh.dp
         self.micro_batch = t.micro_batch or self.local_batch
@@ -54,21 +56,21 @@ class Trainer:
         self.skipped_steps = 0         # in the whole run (saved in checkpoints)
         self.skipped_in_a_row = 0
         self.metrics = MetricsLogger(t.run_dir, mesh.is_main, t.max_steps)
-        self.autocast_dtype = _autocast_dtype(t.precision, mesh.device)
+        self.autocast_dtype = compute_dtype(t.precision, mesh.device)
         self.checkpointer = Checkpointer(t.run_dir, mesh, t.keep_checkpoints)
         self.saved_step: int | None = None  # step of the newest checkpoint this run holds
         self.stop_reason: str | None = None
 
     def resume(self, path: str) -> dict:
         """Continues from checkpoint directory `path`; returns its state.json."""
-        state = load_checkpoint(path, self, unwrap(self.model))
+        state = load_checkpoint(path, self, self.model)
         self.saved_step = self.step
         self.metrics.drop_rows_after(self.step)  # rows a crashed attempt logged past the checkpoint
         return state
 
     def save(self, blocking: bool = False) -> None:
         """Stages the state to CPU now; the files are written in the background unless `blocking`."""
-        self.checkpointer.save(stage(self, unwrap(self.model)), blocking=blocking)
+        self.checkpointer.save(stage(self, self.model), blocking=blocking)
         self.saved_step = self.step
 
     def request_stop(self, reason: str) -> None:
@@ -134,13 +136,10 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal; all ranks agree so they save the same step."""
         flag = self.stop_reason is not None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([float(flag)], device=self.mesh.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if t.item() and not flag:
-                self.stop_reason = "stop signal on another rank"
-            flag = bool(t.item())
-        return flag
+        anywhere = comm.any_rank(flag, self.mesh.device, self.mesh.world_group)
+        if anywhere and not flag:
+            self.stop_reason = "stop signal on another rank"
+        return anywhere
 
     def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
@@ -160,25 +159,23 @@ class Trainer:
         """One optimizer step. Returns (mean token loss over the global batch, global tokens, grad
         norm, skipped): a non-finite loss or gradient norm skips the update. Both values are the
         same on every rank (all-reduced), so all ranks skip together."""
-        device = self.mesh.device
+        device, dp_group = self.mesh.device, self.mesh.dp_group
         batch = self.loader.next_batch()
-        num_targets = _all_reduce_sum((batch["labels"] != IGNORE_INDEX).sum().to(device))
-        scale = self.mesh.dp / num_targets.clamp(min=1).float()  # DP averages gradients over ranks
+        num_targets = comm.all_reduce((batch["labels"] != IGNORE_INDEX).sum().to(device), group=dp_group)
+        scale = self.mesh.dp / num_targets.clamp(min=1).float()  # the engine averages gradients over dp
         n_micro = self.local_batch // self.micro_batch
         loss_sum = torch.zeros((), device=device)
         for i in range(n_micro):
             part = {k: v[i * self.micro_batch:(i + 1) * self.micro_batch].to(device, non_blocking=True)
                     for k, v in batch.items()}
-            sync = contextlib.nullcontext() if i == n_micro - 1 else _no_sync(self.model)
-            with sync, self._autocast():
+            self.engine.micro_batch(last=i == n_micro - 1)
+            with self._autocast():
                 out = self.model(part["input_ids"], position_ids=part["position_ids"], labels=part["labels"])
                 loss = out.loss_sum * scale + out.aux_loss / n_micro
             loss.backward()
             loss_sum += out.loss_sum.detach()
-        clip = self.cfg.train.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                         clip if clip > 0 else float("inf")))
-        global_loss = float(_all_reduce_sum(loss_sum) / num_targets.clamp(min=1))
+        grad_norm = self.engine.clip_grad_norm(self.cfg.train.grad_clip)
+        global_loss = float(comm.all_reduce(loss_sum, group=dp_group) / num_targets.clamp(min=1))
         skipped = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
         if not skipped:
             self.optimizer.step()
@@ -189,20 +186,3 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.mesh.device.type, dtype=self.autocast_dtype)
-
-
-def _autocast_dtype(precision: str, device: torch.device):
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def _no_sync(model):
-    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()

@@ -100,15 +100,29 @@ class HFCheckpoint:
         return name in self._file_of
 
     def get(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda handle: handle.get_tensor(name), lambda t: t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header (no data read)."""
+        return tuple(self._read(name, lambda handle: handle.get_slice(name).get_shape(),
+                                lambda t: t.shape, clone=False))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0; a safetensors file reads only those rows' bytes."""
+        return self._read(name, lambda handle: handle.get_slice(name)[start:stop], lambda t: t[start:stop])
+
+    def _read(self, name: str, from_safetensors, from_bin, clone: bool = True):
         if name not in self._file_of:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found")
         fname = self._file_of[name]
         handle = self._handle(fname)
         try:
-            t = handle.get_tensor(name) if self.kind == "safetensors" else handle[name]
+            if self.kind == "safetensors":
+                return from_safetensors(handle)
+            t = from_bin(handle[name])
+            return t.clone() if clone else t  # detach from the mmap'd file
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read tensor {name!r}: {e}") from None
-        return t.clone() if self.kind == "bin" else t  # detach from the mmap'd file
 
 
 def parse_size(size) -> int:

@@ -130,42 +130,56 @@ def check_config(expected: ModelConfig, found: ModelConfig, where: str) -> None:
                 raise ValueError(f"model.{sub}.{k}={a[k]} but {where} has {sub}.{k}={b[k]}")
 
 
+class HFStateReader:
+    """A checked, lazy view of DST in our parameter names: `.cfg`, `.names`, `.rows(name, start,
+    stop)` -> rows of one tensor cast to `dtype`. Opening checks the config against `cfg` (else
+    ValueError naming the setting), that every expected tensor is present and no other, and
+    every shape (from the file headers); no tensor data is read until asked for."""
+
+    def __init__(self, path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = torch.float32):
+        ckpt = HFCheckpoint(path)
+        if "quantization_config" in ckpt.config:
+            raise ValueError(f"{path}/config.json: a quantized export (quantization_config); its int8 "
+                             f"weights cannot initialise or resume training; load it with "
+                             f"model.hf.quantized.load_quantized")
+        found = model_config_from_hf(ckpt.config)
+        if cfg is not None:
+            check_config(cfg, found, f"{path}/config.json")
+            found = cfg
+        if ckpt.config.get("model_type") == "qwen2":  # values are the HF names, keys ours
+            source = qwen2_from_hf({n: n for n in ckpt.keys()}, found.tie_word_embeddings)
+        else:
+            source = {from_hf_name(n): n for n in ckpt.keys()}
+        expected = _expected_shapes(found)
+        missing = sorted(set(expected) - set(source))
+        unexpected = sorted(set(source) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path}: tensors do not match the model: missing {missing[:8]}"
+                             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                             f"{'...' if len(unexpected) > 8 else ''}")
+        for ours, hf_name in source.items():
+            shape = ckpt.shape(hf_name)
+            if shape != expected[ours]:
+                raise ValueError(f"{path}: tensor {hf_name} has shape {shape}, the model expects {expected[ours]}")
+        self.cfg, self.names, self.dtype = found, list(source), dtype
+        self._ckpt, self._source = ckpt, source
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._cast(self._ckpt.rows(self._source[name], start, stop))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._cast(self._ckpt.get(self._source[name]))
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+
 def load_hf_checkpoint(path: str, cfg: ModelConfig | None = None,
                        dtype: torch.dtype | None = torch.float32) -> tuple[ModelConfig, dict]:
-    """DST directory -> (ModelConfig, state dict in our names, cast to `dtype`).
-
-    With `cfg`, the directory's config must match it (else ValueError naming the setting) and the
-    returned config is `cfg` itself. Every expected tensor must be present and no other.
-    """
-    ckpt = HFCheckpoint(path)
-    if "quantization_config" in ckpt.config:
-        raise ValueError(f"{path}/config.json: a quantized export (quantization_config); its int8 "
-                         f"weights cannot initialise or resume training; load it with "
-                         f"model.hf.quantized.load_quantized")
-    found = model_config_from_hf(ckpt.config)
-    where = f"{path}/config.json"
-    if cfg is not None:
-        check_config(cfg, found, where)
-        found = cfg
-    if ckpt.config.get("model_type") == "qwen2":  # values are the HF names, keys ours
-        source = qwen2_from_hf({n: n for n in ckpt.keys()}, found.tie_word_embeddings)
-    else:
-        source = {from_hf_name(n): n for n in ckpt.keys()}
-    expected = _expected_shapes(found)
-    missing = sorted(set(expected) - set(source))
-    unexpected = sorted(set(source) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match the model: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    state = {}
-    for ours, hf_name in source.items():
-        t = ckpt.get(hf_name)
-        if tuple(t.shape) != expected[ours]:
-            raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, "
-                             f"the model expects {expected[ours]}")
-        state[ours] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return found, state
+    """DST directory -> (ModelConfig, full state dict in our names, cast to `dtype`); the checks
+    of `HFStateReader`. With `cfg` the returned config is `cfg` itself."""
+    reader = HFStateReader(path, cfg, dtype)
+    return reader.cfg, {name: reader.get(name) for name in reader.names}
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from parallel import Mesh, ParallelConfig
 from parallel.parallelize import unwrap
@@ -17,7 +16,7 @@ from tests.helpers import model_config
 from tests.launch.test_pretrain_cli import SCRIPT, launch, small_run
 from tests.train.test_trainer import data_cfg, make_cfg  # noqa: F401  (fixture)
 from train import RunConfig, build, from_dict
-from train.checkpoint import latest_checkpoint
+from train.checkpoint import CheckpointTensors, latest_checkpoint
 from train.trainer import TrainingError
 
 
@@ -43,6 +42,17 @@ def fit(cfg, stop_after=None, hook=None):
     return trainer
 
 
+def full_state(checkpoint) -> dict:
+    """Every tensor and value of a checkpoint's shards/ (model.* and optim.*), in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(checkpoint, "..", f"{os.path.basename(checkpoint)}.pt")
+    dcp_to_torch_save(os.path.join(checkpoint, "shards"), out)
+    state = torch.load(out, weights_only=False)
+    os.remove(out)
+    return state
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
@@ -65,9 +75,10 @@ def test_resume_is_exact(data_cfg, tmp_path, model):
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
     assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
-    end_a = load_file(os.path.join(latest_checkpoint(whole.train.run_dir), "model.safetensors"))
-    end_b = load_file(os.path.join(latest_checkpoint(parts.train.run_dir), "model.safetensors"))
-    assert all(torch.equal(end_a[k], end_b[k]) for k in end_a)
+    end_a = full_state(latest_checkpoint(whole.train.run_dir))
+    end_b = full_state(latest_checkpoint(parts.train.run_dir))
+    assert end_a["model"].keys() == end_b["model"].keys()
+    assert all(torch.equal(end_a["model"][k], end_b["model"][k]) for k in end_a["model"])
 
 
 def test_latest_files_and_pruning(data_cfg, tmp_path):
@@ -77,10 +88,12 @@ def test_latest_files_and_pruning(data_cfg, tmp_path):
     assert sorted(os.listdir(folder)) == ["latest", "step_00000004", "step_00000005"]
     assert (folder / "latest").read_text().strip() == "step_00000005"
     names = sorted(os.listdir(folder / "step_00000005"))
-    assert names == ["config.yaml", "model.safetensors", "optimizer.pt", "rng_rank0.pt", "state.json"]
+    assert names == ["config.yaml", "rng_rank0.pt", "shards", "state.json"]
+    assert ".metadata" in os.listdir(folder / "step_00000005" / "shards")
     state = state_of(folder / "step_00000005")
-    assert state["format"] == "spikingbrain-checkpoint" and state["version"] == 1
-    assert (state["step"], state["tokens_seen"], state["world_size"], state["dp"]) == (5, 5 * 4 * 64, 1, 1)
+    assert state["format"] == "spikingbrain-checkpoint" and state["version"] == 2
+    assert (state["step"], state["tokens_seen"], state["world_size"], state["dp"], state["zero_stage"]) == \
+        (5, 5 * 4 * 64, 1, 1, 0)
     assert state["skipped_steps"] == 0 and isinstance(state["loader"], dict)
     saved = from_dict(RunConfig, yaml.safe_load((folder / "step_00000005" / "config.yaml").read_text()))
     assert saved == cfg
@@ -95,7 +108,8 @@ def test_half_written_checkpoint_is_ignored_and_cleaned(data_cfg, tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     crashed = folder / "step_00000003.tmp-deadbeef"  # a save that died before the rename
     crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"half")
+    (crashed / "shards").mkdir()
+    (crashed / "shards" / "__0_0.distcp").write_bytes(b"half")
     trainer = fit(cfg)
     assert trainer.step == 4
     assert sorted(os.listdir(folder)) == ["latest", "step_00000002", "step_00000004"]
@@ -115,12 +129,14 @@ def test_background_save_equals_blocking_save_and_snapshots(data_cfg, tmp_path):
     trainer.checkpointer.wait()
     folder = tmp_path / "run" / "checkpoints"
     sync, bg = folder / "step_00000100", folder / "step_00000101"
-    a, b = load_file(sync / "model.safetensors"), load_file(bg / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and b[k].dtype == torch.float32 for k in a)
-    oa, ob = torch.load(sync / "optimizer.pt"), torch.load(bg / "optimizer.pt")
-    assert oa["param_groups"] == ob["param_groups"]
-    for i, s in oa["state"].items():
-        assert all(torch.equal(s[k], ob["state"][i][k]) for k in s)
+    a, b = full_state(sync), full_state(bg)
+    ma, mb = a["model"], b["model"]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) and mb[k].dtype == torch.float32 for k in ma)
+    oa, ob = a["optim"], b["optim"]
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for name, s in oa["state"].items():
+        assert all(torch.equal(s[k], ob["state"][name][k]) for k in s)
+    assert dict(CheckpointTensors(str(bg))).keys() == mb.keys()
     sa, sb = state_of(sync), state_of(bg)
     assert {k: v for k, v in sa.items() if k not in ("step", "time")} == \
         {k: v for k, v in sb.items() if k not in ("step", "time")}
@@ -161,14 +177,17 @@ def test_resume_errors_name_the_problem(data_cfg, tmp_path):
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     (incomplete / "state.json").write_text("{}")
-    with pytest.raises(ValueError, match="incomplete is not a complete checkpoint .missing model.safetensors"):
+    with pytest.raises(ValueError, match="incomplete is not a complete checkpoint .missing shards/.metadata"):
         build(make_cfg(data_cfg, tmp_path, resume=str(incomplete)), mesh)
     other_model = make_cfg(data_cfg, tmp_path)
     other_model.model = model_config("sb7b-tiny", rope_theta=1.0e5)
     with pytest.raises(ValueError, match="model.rope_theta"):
         build(other_model, mesh)
-    (tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match="step_00000002/model.safetensors: cannot read"):
+    shards = tmp_path / "run" / "checkpoints" / "step_00000002" / "shards"
+    for name in os.listdir(shards):
+        if name.endswith(".distcp"):
+            (shards / name).write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="step_00000002/shards: cannot restore the model and optimizer"):
         build(make_cfg(data_cfg, tmp_path), mesh)
     fresh = build(make_cfg(data_cfg, tmp_path, resume="never"), mesh)  # ignores the damaged checkpoint
     assert fresh.step == 0

@@ -48,10 +48,11 @@ def test_convert_load_export_round_trip_is_identical(target, tmp_path):
 def test_export_errors_name_the_path(tmp_path):
     r = subprocess.run(CONVERT + ["--export", str(tmp_path), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1 and "not a checkpoint" in r.stderr
-    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".metadata").write_bytes(b"garbage")
     (tmp_path / "config.yaml").write_text("model: {name: m, hidden_size: 64, num_heads: 4, num_kv_heads: 2}\n")
     r = subprocess.run(CONVERT + ["--export", str(tmp_path), str(tmp_path / "out")], capture_output=True, text=True)
-    assert r.returncode == 1 and "model.safetensors" in r.stderr
+    assert r.returncode == 1 and "shards/.metadata: cannot read the checkpoint index" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -65,6 +66,6 @@ def test_written_weights_get_the_usual_permissions(tiny_run, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     export_checkpoint(tiny_run, str(tmp_path / "hf"))
-    for path in (os.path.join(resolve_checkpoint(tiny_run), "model.safetensors"),
+    for path in (os.path.join(resolve_checkpoint(tiny_run), "shards", "__0_0.distcp"),
                  str(tmp_path / "hf" / "model-00001-of-00001.safetensors")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
