@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .context import SequenceContext
 from .layers import RMSNorm, SwiGLU, init_linear
 from .mixers import build_mixer
-from .moe import MoE
+from .moe import MoE, RouterStats
 
 IGNORE_INDEX = -100
 
@@ -26,11 +26,12 @@ class DecoderOutput:
     logits: torch.Tensor | None     # [B, T, V], only when no labels were given
     loss_sum: torch.Tensor | None   # summed token cross-entropy (fp32), when labels were given
     num_tokens: torch.Tensor | None  # labels != IGNORE_INDEX
-    aux_loss: torch.Tensor          # MoE balance loss, already weighted by model.moe.aux_loss_coef
+    aux_loss: torch.Tensor          # MoE balance loss of this pass alone, weighted by model.moe.aux_loss_coef
+    router: list[RouterStats]       # per MoE layer, for a balance loss over more than this pass
 
 
 class Block(nn.Module):
-    """x + mixer(attn_norm(x)), then + ffn(mlp_norm(.)). Returns (x, aux_loss)."""
+    """x + mixer(attn_norm(x)), then + ffn(mlp_norm(.)). Returns (x, RouterStats or None)."""
 
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
@@ -45,9 +46,9 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), ctx)
         h = self.mlp(self.mlp_norm(x))
         if isinstance(h, tuple):
-            h, aux = h
-            return x + h, aux
-        return x + h, x.new_zeros((), dtype=torch.float32)
+            h, stats = h
+            return x + h, stats
+        return x + h, None
 
 
 class Decoder(nn.Module):
@@ -72,25 +73,31 @@ class Decoder(nn.Module):
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embeddings.weight)
 
     # -- full forward ----------------------------------------------------------------------
-    def forward(self, input_ids, position_ids=None, labels=None, ctx: SequenceContext | None = None):
+    def forward(self, input_ids, position_ids=None, labels=None, ctx: SequenceContext | None = None,
+                route_only: bool = False):
         """input_ids [B, T]; position_ids [B, T] (restarting at 0 at each packed document; default
-        0..T-1); labels [B, T] with IGNORE_INDEX where no loss is taken."""
+        0..T-1); labels [B, T] with IGNORE_INDEX where no loss is taken. route_only: stop after the
+        blocks and return only the MoE routing (`router`), e.g. to count expert load first."""
         b, t = input_ids.shape
         if ctx is None:
             if position_ids is None:
                 position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
             ctx = SequenceContext.from_position_ids(position_ids)
         h = self.embed(input_ids, ctx)
-        aux = h.new_zeros((), dtype=torch.float32)
+        router = []
         for block in self.layers:
-            h, block_aux = block(h, ctx)
-            aux = aux + block_aux
+            h, stats = block(h, ctx)
+            if stats is not None:
+                router.append(stats)
+        aux = sum((s.balance_loss() for s in router), h.new_zeros((), dtype=torch.float32))
+        if route_only:
+            return DecoderOutput(None, None, None, aux, router)
         logits = self.head(h).reshape(b, t, -1)
         if labels is None:
-            return DecoderOutput(logits, None, None, aux)
+            return DecoderOutput(logits, None, None, aux, router)
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        return DecoderOutput(None, loss_sum, (labels != IGNORE_INDEX).sum(), aux)
+        return DecoderOutput(None, loss_sum, (labels != IGNORE_INDEX).sum(), aux, router)
 
     # -- weights ---------------------------------------------------------------------------
     def weight_parts(self) -> list[nn.Module]:

@@ -59,8 +59,32 @@ class Experts(nn.Module):
             nn.init.normal_(p, std=std)
 
 
+@dataclass
+class RouterStats:
+    """What the balance loss needs from one MoE layer's forward pass.
+
+    prob_sum [E] fp32: router probabilities summed over the pass's tokens (carries the gradient);
+    counts [E] fp32: routed slots given to each expert (no gradient); tokens: tokens routed.
+    """
+
+    prob_sum: torch.Tensor
+    counts: torch.Tensor
+    tokens: int
+    top_k: int
+    coef: float
+
+    def balance_loss(self, counts: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
+        """coef * E * sum_e f_e * P_e, with the expert load f_e = counts_e / (tokens * top_k) and
+        this pass's share of the mean probability P_e = prob_sum_e / tokens. Default: the pass's own
+        counts and tokens ("micro"); the trainer passes those of the whole optimizer step
+        ("global"), so summing every pass's loss gives the balance loss of the global batch."""
+        counts = self.counts if counts is None else counts
+        n = self.tokens if tokens is None else tokens
+        return self.coef * counts.numel() * torch.dot(counts / (n * self.top_k), self.prob_sum / n)
+
+
 class MoE(nn.Module):
-    """[B, T, hidden] -> ([B, T, hidden], aux_loss scalar).
+    """[B, T, hidden] -> ([B, T, hidden], RouterStats).
 
     Routed output is weighted by the router probability of each chosen expert (not renormalised),
     so at upcycling a top-1 layer computes shared(x) + p_top1 * expert(x).
@@ -86,18 +110,23 @@ class MoE(nn.Module):
         y = self.dispatcher.combine(self.experts(rows, counts), handle, topk_w.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
-        return y.reshape(shape), self.aux_loss_coef * load_balance_loss(probs, topk_idx)
+        return y.reshape(shape), router_stats(probs, topk_idx, self.aux_loss_coef)
 
     def init_weights(self):
         self.experts.init_weights(self.init_std)
 
 
+def router_stats(probs: torch.Tensor, topk_idx: torch.Tensor, coef: float = 1.0) -> RouterStats:
+    """probs [N, E] router probabilities, topk_idx [N, k] chosen experts -> RouterStats."""
+    num_experts = probs.shape[-1]
+    counts = torch.zeros(num_experts, device=probs.device, dtype=torch.float32)
+    counts.scatter_add_(0, topk_idx.flatten(), torch.ones(topk_idx.numel(), device=probs.device))
+    return RouterStats(probs.float().sum(0), counts, probs.shape[0], topk_idx.shape[-1], coef)
+
+
 def load_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-    """Switch-style balance loss E * sum_e f_e * P_e; 1.0 when perfectly balanced.
+    """Switch-style balance loss E * sum_e f_e * P_e of one batch; 1.0 when perfectly balanced.
 
     probs [N, E] router probabilities, topk_idx [N, k]; f_e = share of routed slots given to e.
     """
-    num_experts = probs.shape[-1]
-    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
-    counts.scatter_add_(0, topk_idx.flatten(), torch.ones_like(topk_idx.flatten(), dtype=probs.dtype))
-    return num_experts * torch.dot(counts / topk_idx.numel(), probs.mean(0))
+    return router_stats(probs, topk_idx).balance_loss()

@@ -57,6 +57,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.metrics = MetricsLogger(t.run_dir, mesh.is_main, t.max_steps)
         self.autocast_dtype = compute_dtype(t.precision, mesh.device)
+        self.global_balance = cfg.model.moe.balance == "global" and "moe" in cfg.model.ffns
         self.checkpointer = Checkpointer(t.run_dir, mesh, t.keep_checkpoints)
         self.saved_step: int | None = None  # step of the newest checkpoint this run holds
         self.stop_reason: str | None = None
@@ -164,14 +165,15 @@ class Trainer:
         num_targets = comm.all_reduce((batch["labels"] != IGNORE_INDEX).sum().to(device), group=dp_group)
         scale = self.mesh.dp / num_targets.clamp(min=1).float()  # the engine averages gradients over dp
         n_micro = self.local_batch // self.micro_batch
+        parts = [{k: v[i * self.micro_batch:(i + 1) * self.micro_batch].to(device, non_blocking=True)
+                  for k, v in batch.items()} for i in range(n_micro)]
+        step_load = self._step_expert_load(parts) if self.global_balance and n_micro > 1 else None
         loss_sum = torch.zeros((), device=device)
-        for i in range(n_micro):
-            part = {k: v[i * self.micro_batch:(i + 1) * self.micro_batch].to(device, non_blocking=True)
-                    for k, v in batch.items()}
+        for i, part in enumerate(parts):
             self.engine.micro_batch(last=i == n_micro - 1)
             with self._autocast():
                 out = self.model(part["input_ids"], position_ids=part["position_ids"], labels=part["labels"])
-                loss = out.loss_sum * scale + out.aux_loss / n_micro
+                loss = out.loss_sum * scale + self._balance_loss(out, step_load, n_micro)
             loss.backward()
             loss_sum += out.loss_sum.detach()
         grad_norm = self.engine.clip_grad_norm(self.cfg.train.grad_clip)
@@ -181,6 +183,42 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return global_loss, self.loader.tokens_per_step, grad_norm, skipped
+
+    def _balance_loss(self, out, step_load, n_micro: int) -> torch.Tensor:
+        """The MoE balance-loss term of one micro-batch's backward (model.moe.balance).
+
+        micro: each micro-batch's own balance loss, averaged. global: expert load counted over the
+        whole optimizer step (`step_load`, or this forward's load summed over the dp ranks when
+        the step is one micro-batch), so the summed terms of all micro-batches and ranks are the
+        balance loss of the global batch, whatever the accumulation and dp size."""
+        if not out.router:
+            return out.aux_loss
+        if not self.global_balance:
+            return out.aux_loss / n_micro
+        if step_load is None:
+            step_load = self._sum_load([out.router])
+        counts, tokens = step_load
+        # the engine averages gradients over dp ranks: undo that for this sum
+        return self.mesh.dp * sum(s.balance_loss(c, tokens) for s, c in zip(out.router, counts))
+
+    @torch.no_grad()
+    def _step_expert_load(self, parts) -> tuple[torch.Tensor, int]:
+        """Routing pass over every micro-batch of the step (no gradients, no LM head): the expert
+        load of the whole global batch, known before the first backward."""
+        routed = []
+        for part in parts:
+            with self._autocast():
+                routed.append(self.model(part["input_ids"], position_ids=part["position_ids"],
+                                         route_only=True).router)
+        return self._sum_load(routed)
+
+    def _sum_load(self, routed: list) -> tuple[torch.Tensor, int]:
+        """routed: per forward pass, its list of RouterStats -> (counts [layers, E] summed over
+        passes and dp ranks, tokens routed in all of them)."""
+        counts = torch.stack([torch.stack([s.counts for s in layers]) for layers in routed]).sum(0)
+        tokens = torch.tensor([float(sum(layers[0].tokens for layers in routed))], device=counts.device)
+        both = comm.all_reduce(torch.cat([counts.flatten(), tokens]), group=self.mesh.dp_group)
+        return both[:-1].view_as(counts), int(both[-1].item())
 
     def _autocast(self):
         if self.autocast_dtype is None:

@@ -16,7 +16,7 @@ def test_moe_equals_per_token_loop():
     moe = MoE(cfg)
     moe.init_weights()
     x = torch.randn(3, 7, cfg.hidden_size)
-    y, aux = moe(x)
+    y, stats = moe(x)
     flat = x.reshape(-1, cfg.hidden_size)
     probs = F.softmax(moe.router(flat), dim=-1)
     e = moe.experts
@@ -29,7 +29,9 @@ def test_moe_equals_per_token_loop():
             out = out + w[j] * swiglu(flat[n], e.gate_proj[i], e.up_proj[i], e.down_proj[i])
         expected.append(out)
     torch.testing.assert_close(y.reshape(-1, cfg.hidden_size), torch.stack(expected), atol=1e-5, rtol=1e-5)
+    aux = stats.balance_loss()
     assert aux.ndim == 0 and aux > 0
+    assert stats.tokens == 21 and stats.counts.sum() == 21 * 2
 
 
 def test_balance_loss_is_one_when_balanced_and_larger_when_not():

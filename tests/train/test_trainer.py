@@ -44,6 +44,28 @@ def test_gradient_accumulation_matches_one_big_batch(data_cfg, tmp_path):
     assert accumulated == pytest.approx(whole, rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.parametrize("balance", ["global", "micro"])
+def test_moe_balance_loss_counts_the_whole_global_batch(data_cfg, tmp_path, balance):
+    """model.moe.balance=global: accumulation leaves every update unchanged (the expert load is
+    counted over all micro-batches); micro (each micro-batch's own load) does not."""
+    moe = {"num_experts": 4, "top_k": 1, "num_shared": 1, "aux_loss_coef": 0.1, "balance": balance}
+
+    def trained(micro_batch):
+        cfg = make_cfg(data_cfg, tmp_path / f"m{micro_batch}", "sb76b-tiny", max_steps=2, micro_batch=micro_batch)
+        cfg.model = model_config("sb76b-tiny", moe=moe)
+        trainer = build(cfg, Mesh(ParallelConfig(), "cpu"))
+        trainer.fit()
+        trainer.loader.close()
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    whole, accumulated = trained(0), trained(1)
+    diff = max(float((whole[n] - accumulated[n]).abs().max()) for n in whole if ".router." in n)
+    if balance == "global":
+        assert diff < 2e-6
+    else:
+        assert diff > 1e-4
+
+
 def test_metrics_file_and_resolved_config(data_cfg, tmp_path):
     cfg = make_cfg(data_cfg, tmp_path, max_steps=5, log_every=2)
     run(cfg)

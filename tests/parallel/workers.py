@@ -1,0 +1,57 @@
+"""What the ranks of the simulated clusters run (importable by spawned processes)."""
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from data.config import DataConfig
+from parallel import Mesh, ParallelConfig
+from tests.helpers import model_config
+from train import RunConfig, build
+from train.config import TrainConfig
+
+
+def make_config(spec: dict) -> RunConfig:
+    """spec: model (conf/model name), model_overrides, data / train / parallel (kwargs)."""
+    return RunConfig(model=model_config(spec["model"], **spec.get("model_overrides", {})),
+                     parallel=ParallelConfig(**spec.get("parallel", {})), data=DataConfig(**spec["data"]),
+                     train=TrainConfig(**spec["train"]))
+
+
+def full_params(model: torch.nn.Module, main: bool) -> dict | None:
+    """Every parameter at full size (a collective under the sharded engine), on the main rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        out[name] = full.detach().clone()
+    return out if main else None
+
+
+def train(spec: dict) -> dict:
+    """Builds (resuming when spec's run dir has a checkpoint) and trains. spec["stop_after"]:
+    stop (and save) after that step as a stop signal would. Returns losses, the final step and,
+    on the main rank, the parameters before and after training."""
+    cfg = make_config(spec)
+    mesh = Mesh(cfg.parallel, "cpu")
+    trainer = build(cfg, mesh)
+    initial = full_params(trainer.model, mesh.is_main)
+    stop_after = spec.get("stop_after")
+    if stop_after is not None:
+        step = trainer.train_step
+
+        def stopping_step():
+            out = step()
+            if trainer.step == stop_after:
+                trainer.request_stop("test stop")
+            return out
+        trainer.train_step = stopping_step
+    try:
+        rows = trainer.fit()
+    finally:
+        trainer.loader.close()
+    return {"losses": [r["loss"] for r in rows], "steps": [r["step"] for r in rows], "step": trainer.step,
+            "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, mesh.is_main)}
+
+
+def train_many(specs: list[dict]) -> list[dict]:
+    return [train(spec) for spec in specs]
