@@ -29,9 +29,8 @@ def spec(tmp, data, model, stage=-1, micro_batch=0, recompute="none", tag="ref")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("equivalence")
-    data = dict(seq_len=96, demo_chars=200_000, vocab_size=512, cache_dir=str(tmp / "cache"))
+def setup(tmp_path_factory, demo_data):
+    tmp, data = tmp_path_factory.mktemp("equivalence"), demo_data
     reference = {m: train(spec(tmp, data, m)) for m in MODELS}  # also fills the data cache
     return tmp, data, reference
 
