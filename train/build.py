@@ -18,7 +18,7 @@ from parallel.materialize import init_weights, load_weights, materialize
 from .config import RunConfig
 from .optim import build_optimizer
 from .resume import check_model_config, resolve_resume
-from .trainer import Trainer
+from .trainer import Trainer, batch_split
 
 log = logging.getLogger("train")
 
@@ -47,9 +47,7 @@ def run(cfg: RunConfig) -> dict:
 
 def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     t = cfg.train
-    if t.global_batch % mesh.dp:
-        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by the data-parallel "
-                         f"size {mesh.dp}")
+    batch_split(t, mesh.dp)  # before anything is read or allocated
     loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     loader.check_vocab(cfg.model.vocab_size)  # token ids the embedding cannot look up

@@ -23,6 +23,20 @@ log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def batch_split(t, dp: int) -> tuple[int, int]:
+    """(sequences per rank per step, sequences per micro-batch) for TrainConfig `t` on `dp` ranks;
+    ValueError naming the setting when they do not divide."""
+    if t.global_batch % dp:
+        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by the data-parallel "
+                         f"size {dp}")
+    local = t.global_batch // dp
+    micro = t.micro_batch or local
+    if local % micro:
+        raise ValueError(f"train.micro_batch={micro} must divide the per-rank batch {local} "
+                         f"(train.global_batch={t.global_batch} / dp={dp})")
+    return local, micro
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row)."""
 
@@ -46,11 +60,7 @@ class Trainer:
         self.cfg, self.mesh, self.engine, self.optimizer, self.loader = cfg, mesh, engine, optimizer, loader
         self.model = engine.module
         t = cfg.train
-        self.local_batch = t.global_batch // mesh.dp
-        self.micro_batch = t.micro_batch or self.local_batch
-        if self.local_batch % self.micro_batch:
-            raise ValueError(f"train.micro_batch={self.micro_batch} must divide the per-rank batch "
-                             f"{self.local_batch} (train.global_batch={t.global_batch} / dp={mesh.dp})")
+        self.local_batch, self.micro_batch = batch_split(t, mesh.dp)
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0         # in the whole run (saved in checkpoints)
