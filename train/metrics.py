@@ -54,7 +54,8 @@ class MetricsLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s",
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s",
                      step, self.max_steps, row["loss"], lr, grad_norm, f"{total_tokens:,}",
-                     f"{row['tokens_per_s']:,.0f}")
+                     f"{row['tokens_per_s']:,.0f}",
+                     f" | peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
         return row

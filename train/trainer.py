@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import threading
+import time
 
 import torch
 
@@ -70,6 +71,7 @@ class Trainer:
         self.global_balance = cfg.model.moe.balance == "global" and "moe" in cfg.model.ffns
         self.checkpointer = Checkpointer(t.run_dir, mesh, t.keep_checkpoints)
         self.saved_step: int | None = None  # step of the newest checkpoint this run holds
+        self.save_stall_s: float | None = None  # how long the last save held training up
         self.stop_reason: str | None = None
 
     def resume(self, path: str) -> dict:
@@ -80,9 +82,15 @@ class Trainer:
         return state
 
     def save(self, blocking: bool = False) -> None:
-        """Stages the state to CPU now; the files are written in the background unless `blocking`."""
+        """Stages the state to CPU now; the files are written in the background unless `blocking`.
+        The time training waits (the previous write, then staging) is logged as the save stall."""
+        start = time.perf_counter()
         self.checkpointer.save(stage(self, self.model), blocking=blocking)
         self.saved_step = self.step
+        self.save_stall_s = time.perf_counter() - start
+        if self.mesh.is_main:
+            log.info("checkpoint of step %d staged in %.2f s%s", self.step, self.save_stall_s,
+                     "" if blocking else ", writing in the background")
 
     def request_stop(self, reason: str) -> None:
         """Save and stop at the end of the current step (signal handlers call this)."""
@@ -108,7 +116,7 @@ class Trainer:
                 self.metrics.add(loss, tokens)
                 if self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
                     row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen,
-                                             skipped_steps=self.skipped_steps)
+                                             skipped_steps=self.skipped_steps, **self._device_metrics())
                     if row:
                         rows.append(row)
                 if self._stop_requested():
@@ -128,6 +136,14 @@ class Trainer:
             self._restore_signal_handlers(previous)
         self.checkpointer.wait()
         return rows
+
+    def _device_metrics(self) -> dict:
+        """Peak device memory of this rank since the last log (CUDA), and the last save stall."""
+        out = {} if self.save_stall_s is None else {"save_stall_s": round(self.save_stall_s, 3)}
+        if self.mesh.device.type == "cuda":
+            out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.mesh.device) / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats(self.mesh.device)
+        return out
 
     def _count_skip(self, skipped: bool, loss: float, grad_norm: float) -> None:
         if not skipped:
