@@ -57,3 +57,15 @@ def train_tiny(run_dir: str, cache_dir: str, model: str = "sb7b-tiny", steps: in
                         run_dir=run_dir, seed=7)
     run(RunConfig(model=cfg, data=data, train=train))
     return run_dir
+
+
+def stop_after(trainer, step: int) -> None:
+    """Makes `trainer` stop (and save) once `step` is done, as a stop signal would."""
+    train_step = trainer.train_step
+
+    def stopping_step():
+        out = train_step()
+        if trainer.step == step:
+            trainer.request_stop("test stop")
+        return out
+    trainer.train_step = stopping_step

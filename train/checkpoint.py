@@ -181,8 +181,11 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.last_saved_step: int | None = None
 
-    def save(self, staged: dict, blocking: bool = False) -> None:
+    def save(self, stage_fn, blocking: bool = False) -> None:
+        """stage_fn() -> the staged state (see `stage`); called only once the previous write is
+        done, since staging reuses that write's buffers."""
         self.wait()
+        staged = stage_fn()
         nonce = [uuid.uuid4().hex[:8] if self.mesh.is_main else None]
         if self.group is not None:
             dist.broadcast_object_list(nonce, src=0, group=self.group)

@@ -85,7 +85,7 @@ class Trainer:
         """Stages the state to CPU now; the files are written in the background unless `blocking`.
         The time training waits (the previous write, then staging) is logged as the save stall."""
         start = time.perf_counter()
-        self.checkpointer.save(stage(self, self.model), blocking=blocking)
+        self.checkpointer.save(lambda: stage(self, self.model), blocking=blocking)
         self.saved_step = self.step
         self.save_stall_s = time.perf_counter() - start
         if self.mesh.is_main:

@@ -6,7 +6,7 @@ from torch.distributed.tensor import DTensor
 
 from data.config import DataConfig
 from parallel import Mesh, ParallelConfig
-from tests.helpers import model_config
+from tests.helpers import model_config, stop_after
 from train import RunConfig, build
 from train.config import TrainConfig
 
@@ -35,16 +35,8 @@ def train(spec: dict) -> dict:
     mesh = Mesh(cfg.parallel, "cpu")
     trainer = build(cfg, mesh)
     initial = full_params(trainer.model, mesh.is_main)
-    stop_after = spec.get("stop_after")
-    if stop_after is not None:
-        step = trainer.train_step
-
-        def stopping_step():
-            out = step()
-            if trainer.step == stop_after:
-                trainer.request_stop("test stop")
-            return out
-        trainer.train_step = stopping_step
+    if spec.get("stop_after") is not None:
+        stop_after(trainer, spec["stop_after"])
     try:
         rows = trainer.fit()
     finally:

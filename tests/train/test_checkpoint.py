@@ -12,7 +12,7 @@ import yaml
 
 from parallel import Mesh, ParallelConfig
 from parallel.parallelize import unwrap
-from tests.helpers import model_config
+from tests.helpers import model_config, stop_after as stop_at
 from tests.launch.test_pretrain_cli import SCRIPT, launch, small_run
 from tests.train.test_trainer import data_cfg, make_cfg  # noqa: F401  (fixture)
 from train import RunConfig, build, from_dict
@@ -25,14 +25,7 @@ def fit(cfg, stop_after=None, hook=None):
     trainer to stop as a signal would once that step is done."""
     trainer = build(cfg, Mesh(ParallelConfig(), "cpu"))
     if stop_after is not None:
-        step = trainer.train_step
-
-        def stopping_step():
-            out = step()
-            if trainer.step == stop_after:
-                trainer.request_stop("test stop")
-            return out
-        trainer.train_step = stopping_step
+        stop_at(trainer, stop_after)
     if hook is not None:
         unwrap(trainer.model).embeddings.register_forward_hook(hook)
     try:
