@@ -15,15 +15,13 @@ from model.decoder import init_part
 from model.hf import HFStateReader
 from parallel import Mesh, parallelize
 from parallel.materialize import init_weights, load_weights, materialize
+from parallel.plan import check_fits, format_plan, plan_memory
 from .config import RunConfig
 from .optim import build_optimizer
 from .resume import check_model_config, resolve_resume
 from .trainer import Trainer, batch_split
 
 log = logging.getLogger("train")
-
-BYTES_PER_PARAM_TRAINING = 16  # fp32 weights + grads + two AdamW moments
-
 
 def run(cfg: RunConfig) -> dict:
     """Dry run (meta-device summary) or a full training run. Returns the summary or last metrics."""
@@ -48,6 +46,7 @@ def run(cfg: RunConfig) -> dict:
 def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     t = cfg.train
     batch_split(t, mesh.dp)  # before anything is read or allocated
+    check_memory(cfg, mesh)
     loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     loader.check_vocab(cfg.model.vocab_size)  # token ids the embedding cannot look up
@@ -79,6 +78,20 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     return trainer
 
 
+def check_memory(cfg: RunConfig, mesh: Mesh) -> None:
+    """On CUDA, refuses a run whose planned peak (parallel/plan.py) exceeds the GPU's memory,
+    before anything is allocated, naming the settings that lower it."""
+    if mesh.device.type != "cuda" or not cfg.train.check_memory:
+        return
+    plan = plan_memory(cfg, mesh.dp, "cuda")
+    try:
+        check_fits(plan, torch.cuda.get_device_properties(mesh.device).total_memory)
+    except ValueError as e:
+        raise ValueError(f"{e}. (train.check_memory=false skips this check.)") from None
+    if mesh.is_main:
+        log.info("memory plan: peak %.1f GiB per GPU (train.recompute=%s)", plan.peak / 2**30, plan.recompute)
+
+
 def load_init_from(model, path: str, model_cfg) -> None:
     """Fills the (sharded) model from the converted checkpoint `path`, each rank reading only
     the rows it owns."""
@@ -90,10 +103,12 @@ def load_init_from(model, path: str, model_cfg) -> None:
 
 
 def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
-    """Builds the model on the meta device (no memory), prints and writes `summary.json`."""
+    """Builds the model on the meta device (no memory), plans the memory of a step on this
+    run's device (parallel/plan.py), prints and writes `summary.json`."""
     model = build_model(cfg.model, device="meta")
     counts = model.num_params()
     m = cfg.model
+    plan = plan_memory(cfg, mesh.dp, mesh.device.type)
     summary = {
         "model": m.name,
         "params_total": counts["total"],
@@ -102,11 +117,11 @@ def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
         "world_size": mesh.world_size,
         "parallel": {"dp": mesh.dp, "pp": mesh.pp, "ep": mesh.ep, "sp": mesh.sp},
         "tokens_per_step": cfg.train.global_batch * cfg.data.seq_len,
-        "training_state_gib": counts["total"] * BYTES_PER_PARAM_TRAINING / 2**30,
+        "memory": plan.to_dict(),
     }
     if mesh.is_main:
         _write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2))
-        print(format_summary(summary), flush=True)
+        print(format_summary(summary) + "\n\n" + format_plan(plan), flush=True)
     return summary
 
 
@@ -125,7 +140,6 @@ def format_summary(s: dict) -> str:
         f"layer plan       {plan}",
         f"parallel         {s['parallel']} (world {s['world_size']})",
         f"tokens per step  {s['tokens_per_step']:,}",
-        f"training state   {s['training_state_gib']:.1f} GiB (fp32 weights, grads, AdamW moments)",
     ])
 
 

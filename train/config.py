@@ -39,6 +39,7 @@ class TrainConfig:
     resume: str = "auto"           # auto (run_dir/checkpoints/latest if any), never, or a checkpoint path
     max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
     recompute: str = "none"        # activation recomputation: none, full (whole blocks) or selective
+    check_memory: bool = True      # on CUDA, refuse a run whose planned peak exceeds the GPU's memory
 
     def __post_init__(self):
         for key in ("max_steps", "global_batch", "log_every"):

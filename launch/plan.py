@@ -1,0 +1,78 @@
+"""Memory planner: the bytes a training step holds on each GPU, for every train.recompute setting.
+
+    python launch/plan.py +model=sb7b parallel=zero3 --world 8 data.seq_len=8192 train.global_batch=16
+    python launch/plan.py +model=sb76b parallel=zero3 --world 16 train.micro_batch=1 --json plan.json
+
+Takes the Hydra overrides of launch/pretrain.py. Prints, per rank: weights, gradients, optimizer
+state, gathered weights, activations / logits / transient / peak for each recompute setting,
+whether each fits the GPU, and the smallest data-parallel size that fits. Nothing is allocated:
+the model runs on the meta device (parallel/plan.py; rules and checks in docs/PLANNER.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pretrain import available_models, load_config
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="launch/plan.py", usage="%(prog)s +model=NAME [overrides] [options]",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="models: " + ", ".join(available_models()))
+    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp, as pp = ep = sp = 1 "
+                                                  "(default: parallel.dp, else 1)")
+    parser.add_argument("--gpu-mem-gib", type=float, default=141.0, help="memory of one GPU (default 141, an H200)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="the step's precision and kernels follow the device (default cuda)")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]} (Hydra overrides look like train.micro_batch=1)")
+    if args.world is not None and args.world < 1:
+        parser.error(f"--world must be >= 1, got {args.world}")
+    if not args.gpu_mem_gib > 0:
+        parser.error(f"--gpu-mem-gib must be > 0, got {args.gpu_mem_gib}")
+    return args, overrides
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse(argv)
+    cfg = load_config(overrides)
+    from parallel.plan import GiB, check_fits, format_plan, plan_memory, smallest_dp
+
+    par = cfg.parallel
+    rest = par.pp * par.ep * par.sp
+    world = args.world or (par.dp or 1) * rest
+    if world % rest or (par.dp and par.dp * rest != world):
+        raise SystemExit(f"error: --world {world} is not parallel.dp={par.dp or 'auto'} x pp={par.pp} x "
+                         f"ep={par.ep} x sp={par.sp}")
+    gpu = int(args.gpu_mem_gib * GiB)
+    start = time.perf_counter()
+    try:
+        plan = plan_memory(cfg, world // rest, args.device)
+        smallest = smallest_dp(cfg, gpu, device_type=args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(format_plan(plan, gpu))
+    try:
+        check_fits(plan, gpu)
+        print(f"train.recompute={plan.recompute} fits, {(gpu - plan.peak) / GiB:.1f} GiB to spare")
+    except ValueError as e:
+        print(f"train.recompute={plan.recompute}: {e}")
+    stage = par.zero_stage if par.zero_stage >= 0 else "auto"
+    print(f"smallest dp that fits: {smallest or 'none up to 4096'} (parallel.zero_stage={stage}, "
+          f"train.recompute={plan.recompute}, the batch settings above)")
+    print(f"planned in {time.perf_counter() - start:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**plan.to_dict(), "gpu_bytes": gpu, "fits": plan.peak <= gpu, "smallest_dp": smallest}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,263 @@
+"""The memory planner (parallel/plan.py, launch/plan.py) against real tensors.
+
+State bytes are compared with the tensors a real model and optimizer hold; activation bytes and
+peaks with a real CPU step of the whole model (the engine's recompute wrapping, forward and
+backward) measured twice: by `LiveBytes` and, where autograd alone holds the tensors, by
+saved-tensor hooks. On CUDA (marked gpu) the meta-device emulation of autocast and of the fused
+attention kernels is compared with the real ones.
+"""
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data.config import DataConfig
+from model import build_model
+from parallel import plan as P
+from parallel import plan_trace as PT
+from parallel.config import ParallelConfig
+from parallel.recompute import MODES, apply_recompute
+from tests.helpers import ROOT, model_config
+from train.config import RunConfig, TrainConfig
+
+TINY = ("sb7b-tiny", "qwen2.5-7b-tiny", "sb76b-tiny")
+B, T = 2, 96  # longer than the tiny models' 64-token window
+
+
+def run_config(name, seq_len=T, global_batch=B, micro_batch=0, **parallel):
+    return RunConfig(model=model_config(name), parallel=ParallelConfig(**parallel), data=DataConfig(seq_len=seq_len),
+                     train=TrainConfig(global_batch=global_batch, micro_batch=micro_batch))
+
+
+def real_model(name, balanced=True):
+    """A real tiny model on the CPU; MoE layers route balanced, as the planner assumes (see
+    test_moe_kept_bytes_do_not_depend_on_routing)."""
+    torch.manual_seed(0)
+    model = build_model(model_config(name))
+    if balanced:
+        P.balance(model)
+    return model
+
+
+def real_step(model, setting):
+    """One forward and backward of the whole model under `setting`: (bytes held at the end of the
+    forward, most bytes alive at once); parameter gradients apart, as the planner's state."""
+    apply_recompute(model.layers, setting)
+    vocab = model.cfg.vocab_size
+    ids, labels = torch.randint(vocab, (B, T)), torch.randint(vocab, (B, T))
+    pos = torch.arange(T).expand(B, T)  # from the batch, as in training
+    live = P.LiveBytes()
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: live.exclude(p.grad))
+    with live:
+        out = model(ids, position_ids=pos, labels=labels)
+        loss = out.loss_sum + out.aux_loss
+        del out
+        live.exclude(loss)
+        end_fwd = live.mark()
+        loss.backward()
+    return live.bytes(live.alive(end_fwd)), live.peak(0, live.mark())
+
+
+def moe_slack(name):
+    """Bytes the planner leaves out for MoE models: the balance loss, computed after the blocks,
+    saves its two [E] fp32 operands per MoE layer."""
+    cfg = model_config(name)
+    return 2 * 4 * cfg.moe.num_experts * cfg.ffns.count("moe")
+
+
+def test_live_bytes_equal_saved_tensor_hooks():
+    """The instrument: without checkpointing, what stays alive after the forward is exactly what
+    autograd still saves (storages deduplicated by address; parameters and the batch apart)."""
+    model = real_model("sb7b-tiny")
+    ids = torch.randint(model.cfg.vocab_size, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    outside = {t.untyped_storage().data_ptr() for t in [*model.parameters(), ids, pos]}
+    saved, sizes = collections.Counter(), {}
+
+    class Saved:  # lives as long as autograd keeps the tensor (a node can die before the graph)
+        def __init__(self, t):
+            self.t, self.key = t, t.untyped_storage().data_ptr()
+            saved[self.key] += 1
+            sizes[self.key] = t.untyped_storage().nbytes()
+
+        def __del__(self):
+            saved[self.key] -= 1
+
+    live = P.LiveBytes()
+    with live, torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        out = model(ids, position_ids=pos, labels=ids)
+        loss = out.loss_sum
+        del out
+        live.exclude(loss)
+        kept = live.bytes(live.alive(live.mark()))
+    assert kept == sum(sizes[k] for k, n in saved.items() if n and k not in outside) > 0
+
+
+@pytest.mark.parametrize("dp", [1, 3, 4])
+def test_state_bytes_equal_real_tensors(dp):
+    """fp32 weights, AdamW moments: the real ones; sharded: ceil(rows / dp) rows a rank (torch.chunk's
+    first chunk), as FSDP2 pads."""
+    model = real_model("sb76b-tiny")
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(s[k].numel() * s[k].element_size()
+                  for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    shard = sum(torch.chunk(p, dp)[0].numel() * p.element_size() for p in model.parameters())
+    plan = P.plan_memory(run_config("sb76b-tiny", global_batch=12, micro_batch=1, zero_stage=3), dp, "cpu")
+    if dp == 1:  # no engine on one rank: everything replicated
+        assert (plan.params, plan.optimizer, plan.gathered_weights) == (weights, moments, 0)
+        assert plan.grads == weights
+    else:
+        assert (plan.params, plan.optimizer) == (shard, 2 * shard)
+        units = [sum(p.numel() for p in u.parameters()) for u in [model.embeddings, *model.layers]]
+        root = sum(p.numel() for p in model.parameters()) - sum(units)  # final norm + LM head
+        # + the largest unit's unsharded gradient (fp32 on the CPU) and its fp32 reduce-scatter copy
+        assert plan.grads == shard + 8 * max(units + [root])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_activations_equal_a_real_cpu_step(name):
+    """Per recompute setting: the planner's per-block-type traces on meta, composed over the
+    layer plan, against one real step of the whole model."""
+    plan = P.plan_memory(run_config(name), 1, "cpu")
+    setup = PT.Setup(torch.float32, None, False)
+    slack = moe_slack(name)
+    for setting in MODES:
+        kept, peak = real_step(real_model(name), setting)
+        head = P._pieces(model_config(name), setup, B, T, setting)[-1]  # its input is the last block's output
+        head_kept = head.kept + head.keeps_input * B * T * model_config(name).hidden_size * 4
+        assert 0 <= kept - (plan.activations[setting] + head_kept) <= slack, setting
+        state = plan.params + plan.grads + plan.optimizer + plan.gathered_weights
+        assert 0 <= peak - (plan.peaks[setting] - state) <= slack, setting
+    assert plan.activations["full"] < plan.activations["selective"] < plan.activations["none"]
+
+
+def test_moe_kept_bytes_do_not_depend_on_routing():
+    """Why balanced routing is a fair assumption: every expert-side tensor has a row per routed token."""
+    assert real_step(real_model("sb76b-tiny", balanced=False), "none")[0] == \
+        real_step(real_model("sb76b-tiny"), "none")[0]
+
+
+def test_cuda_emulation_follows_autocast_and_sdpa_rules():
+    """The rules the CUDA plan rests on (checked against a GPU by the gpu test below)."""
+    w = torch.empty(8, 16, device="meta", requires_grad=True)
+    x = torch.empty(2, 16, device="meta")
+    emulation = PT._CudaEmulation(torch.bfloat16)
+    with emulation:
+        y = torch.nn.functional.linear(x, w) + torch.nn.functional.linear(x, w)
+        assert y.dtype == torch.bfloat16 and len(emulation.casts) == 1  # one cached weight copy
+        assert y.exp().dtype == y.sum().dtype == y.softmax(-1).dtype == torch.float32
+        q = torch.empty(1, 4, 64, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.empty(1, 2, 64, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        flash = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        mask = torch.ones(64, 72, dtype=torch.bool, device="meta")
+        k = torch.empty(1, 4, 72, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        efficient = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+    assert "Flash" in type(flash.grad_fn).__name__ and "Efficient" in type(efficient.grad_fn).__name__
+    bias = efficient.grad_fn._saved_attn_bias  # 72 columns: padded to 80, materialised per head
+    assert bias.shape == (1, 4, 64, 72) and bias.untyped_storage().nbytes() == 4 * 64 * 80 * 2
+
+
+def test_sb7b_on_one_gpu_needs_sharding():
+    cfg = run_config("sb7b", seq_len=1024, global_batch=8)
+    gpu = 141 * P.GiB
+    plan = P.plan_memory(cfg, 1)
+    assert plan.zero_stage == 0 and not plan.sharded and plan.peak > gpu
+    with pytest.raises(ValueError) as e:
+        P.check_fits(plan, gpu)
+    for setting in ("parallel.zero_stage", "parallel.dp", "train.recompute", "train.micro_batch", "data.seq_len"):
+        assert setting in str(e.value)
+    assert f"{plan.peak / P.GiB:.1f} GiB" in str(e.value)
+    cfg.parallel.zero_stage = 3
+    dp = P.smallest_dp(cfg, gpu)
+    assert dp == 2 and P.plan_memory(cfg, dp).peak <= gpu
+    P.check_fits(P.plan_memory(cfg, dp), gpu)
+    assert P.smallest_dp(cfg, 10 * P.GiB, max_dp=8) is None
+
+
+def test_settings_outside_the_planner_are_named():
+    with pytest.raises(ValueError, match="train.global_batch"):
+        P.plan_memory(run_config("sb7b-tiny", global_batch=3), 2)
+    with pytest.raises(ValueError, match="parallel.pp"):
+        P.plan_memory(run_config("sb7b-tiny", pp=2), 1)
+    with pytest.raises(ValueError, match="parallel.offload_optimizer"):
+        P.plan_memory(run_config("sb7b-tiny", zero_stage=3, offload_optimizer=True), 1)
+
+
+def launch(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """launch/plan.py as a module (it imports launch/pretrain.py as `pretrain`)."""
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    spec = importlib.util.spec_from_file_location("plan_cli", os.path.join(ROOT, "launch", "plan.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(os.path.join(ROOT, "launch"))
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    r = launch("+model=sb7b-tiny", "parallel=zero3", "--world", "2", "data.seq_len=128",
+               "train.global_batch=4", "--gpu-mem-gib", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for line in ("activations", "logits and loss", "peak", "fits 1 GiB", "smallest dp"):
+        assert line in r.stdout
+    data = json.loads(out.read_text())
+    assert data["dp"] == 2 and data["zero_stage"] == 3 and data["fits"] is True
+    assert set(data["activations"]) == set(MODES) and data["peak"] == data["peaks"]["none"]
+
+
+def test_cli_unknown_model_is_named_without_a_traceback():
+    r = launch("+model=sb9b")
+    assert r.returncode != 0 and "sb9b" in r.stderr and "sb7b-tiny" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+model=sb7b-tiny", "--wrld", "2"], "--wrld"),
+    (["+model=sb7b-tiny", "--world", "0"], "--world"),
+    (["+model=sb7b-tiny", "parallel.dp=4", "--world", "2"], "parallel.dp=4"),
+    (["+model=sb7b-tiny", "train.global_batch=3", "--world", "2"], "train.global_batch"),
+])
+def test_cli_errors_are_named(cli, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert message in f"{e.value.code} {capsys.readouterr().err}"
+
+
+GPU_MODELS = {name: dict(hidden_size=512, num_heads=4, num_kv_heads=2, intermediate_size=1024,
+                         sliding_window=256) for name in TINY}  # head_dim 128, T > window
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TINY)
+def test_cuda_emulation_equals_cuda(name):
+    """Every block type's meta trace under the CUDA emulation (autocast, fused attention) equals
+    the same block traced on the GPU under torch.autocast and SDPA, as the sharded engine runs it
+    (bf16 weights)."""
+    cfg = model_config(name, **GPU_MODELS[name])
+    setup = PT.Setup(torch.bfloat16, torch.bfloat16, True)
+    torch.manual_seed(0)
+    meta, cuda = (build_model(cfg, device=d).to(torch.bfloat16) for d in ("meta", "cuda"))
+    for model in (meta, cuda):
+        P.balance(model)
+    first = {}
+    for i, kind in enumerate(zip(cfg.mixers, cfg.ffns)):
+        first.setdefault(kind, i)
+    for layer in [*first.values(), None]:
+        for setting in MODES if layer is not None else ["none"]:
+            assert PT.trace(meta, setup, 2, 1024, layer, setting) == PT.trace(cuda, setup, 2, 1024, layer, setting)
