@@ -23,6 +23,7 @@ from .trainer import Trainer, batch_split
 
 log = logging.getLogger("train")
 
+
 def run(cfg: RunConfig) -> dict:
     """Dry run (meta-device summary) or a full training run. Returns the summary or last metrics."""
     mesh = Mesh(cfg.parallel, cfg.train.device)
