@@ -4,8 +4,9 @@
     python launch/plan.py +model=sb76b parallel=zero3 --world 16 train.micro_batch=1 --json plan.json
 
 Takes the Hydra overrides of launch/pretrain.py. Prints, per rank: weights, gradients, optimizer
-state, gathered weights, activations / logits / transient / peak for each recompute setting,
-whether each fits the GPU, and the smallest data-parallel size that fits. Nothing is allocated:
+state and gathered weights; for each recompute setting the activations, logits and loss, what the
+worst moment of the step holds (gradients, weight copies, activations and temporaries), the peak
+and whether it fits the GPU; and the smallest data-parallel size that fits. Nothing is allocated:
 the model runs on the meta device (parallel/plan.py; rules and checks in docs/PLANNER.md).
 """
 from __future__ import annotations

@@ -51,34 +51,21 @@ def _pieces(cfg, setup: Setup, b: int, t: int, recompute: str) -> list[Piece]:
     return out
 
 
-def _timeline(layers: list[Piece], head: Piece, r: int) -> tuple[int, int]:
-    """(bytes the blocks hold for backward at the end of the forward, most bytes alive at any
-    moment of the step); r: bytes of one residual [B, T, hidden].
-
-    The forward runs the blocks, then the head; the backward the head, then the blocks in
-    reverse, block i's backward seeing what the blocks below it hold. A residual between two
-    blocks is kept if the block after keeps its input or the block before its output. The rope
-    tables, made once per step, live through it (held by the sequence context or saved)."""
-    rope = max(p.rope for p in layers)
-    held, prev_out, below, moments = rope, False, [], []
-    for p in layers:
-        moments.append(held + p.fwd_peak)
-        below.append((held, prev_out))
-        held += p.kept + r * (p.keeps_input or prev_out)
-        prev_out = p.keeps_output
-    moments += [held + head.fwd_peak, held + head.bwd_peak + r * (prev_out and not head.keeps_input)]
-    for p, (held_below, kept_before) in zip(layers, below):
-        moments.append(held_below + p.bwd_peak + r * (kept_before and not p.keeps_input))
-    return held + r * prev_out, max(moments)
-
-
 @dataclass
 class MemoryPlan:
     """Bytes per rank of one optimizer step (all ranks alike: only data parallelism varies).
 
-    peaks[s] = params + grads + optimizer + gathered_weights + activations[s] + logits + transient[s]
-    for each train.recompute setting s; peak is that of the configured one. transient is what
-    the step's worst moment adds: a block's recomputed activations, gradients and temporaries.
+    For each train.recompute setting s, the step is a sequence of moments: the forward of each
+    block, of the head and loss, their backward, each block's backward in reverse, the embedding
+    backward, the optimizer step. peaks[s] is the largest over the moments of
+        params + optimizer + gradients held then + weight copies held then
+        + activations, logits and temporaries alive then;
+    worst[s] names that moment and held[s] gives its last three terms. Without gradient
+    accumulation no parameter gradient exists in the forward (the trainer sets them to None
+    after each step) and a unit's backward holds what the units before it in backward order left
+    and its own; with accumulation all of `grads` at every moment, and a backward's new gradients
+    until they are added to the existing ones. The optimizer step holds the
+    (reduced) gradients and the optimizer's temporaries. peak is that of the configured setting.
     """
     model: str
     dp: int
@@ -91,13 +78,14 @@ class MemoryPlan:
     tokens_per_micro_batch: int
     compute_dtype: str
     params: int                  # fp32 master weights
-    grads: int                   # fp32 gradients, with the unsharded ones being accumulated or reduced
+    grads: int                   # most gradient bytes at once: the fp32 ones and one unit's being reduced
     optimizer: int               # AdamW moments, fp32
-    gathered_weights: int        # compute-dtype copies of the weights for forward and backward
+    gathered_weights: int        # most compute-dtype copies of the weights at once
     host: int                    # master weights, gradients and AdamW state in host memory (offload)
     activations: dict[str, int]  # held for backward at the end of the forward, per recompute setting
     logits: int                  # head + loss at their worst: logits [B, T, V], fp32 copy, log-probs, grads
-    transient: dict[str, int]
+    worst: dict[str, str]        # the moment of the peak, per recompute setting
+    held: dict[str, dict[str, int]]  # at it: "gradients", "weight copies", "activations, temporaries"
     peaks: dict[str, int]
     peak: int
 
@@ -105,34 +93,126 @@ class MemoryPlan:
         return dataclasses.asdict(self)
 
 
-def _state(model: nn.Module, stage: int, dp: int, offload: bool, c: int) -> tuple[int, ...]:
-    """(params, grads, optimizer, gathered weights, host) bytes per rank; c: bytes per element of
-    the compute dtype. FSDP2 units: the embeddings (unless tied), each block, and the root (final
-    norm, LM head), which stays gathered for the whole step."""
-    total = sum(p.numel() for p in model.parameters())
-    if dp == 1:  # no engine: fp32 weights, gradients and moments; autocast's weight copies
-        return 4 * total, 4 * total, 8 * total, (2 * total if c == 2 else 0), 0
-    shard = sum(-(-p.shape[0] // dp) * (p.numel() // p.shape[0]) for p in model.parameters())
-    units = [sum(p.numel() for p in u.parameters())
-             for u in ([] if model.lm_head is None else [model.embeddings]) + list(model.layers)]
-    root = total - sum(units)
-    largest = max(units + [root])
-    # Gradients: the sharded fp32 ones (replicated at stage 0), plus one unit's unsharded gradient
-    # in the compute dtype as its backward produces it; stage 1 also accumulates every gradient at
-    # full size in fp32 until the step's reduce-scatter, later stages reduce-scatter each unit's
-    # gradient from a full-size fp32 copy as soon as its backward ends.
-    sharded = 4 * (total if stage == 0 else shard)
-    grads = sharded + c * largest + (4 * total if stage == 1 else 4 * largest if stage > 1 else 0)
+@dataclass(frozen=True)
+class _State:
+    """Bytes per rank of the weights, gradients and optimizer, and how the gradients and gathered
+    weights come and go during a step. Units in backward order: the root (final norm, LM head),
+    the blocks from the last to the first, the embeddings (none when tied to the head)."""
+    params: int
+    grads: int               # the most gradient bytes at once: every unit's, plus one in flight
+    optimizer: int
+    gathered: int            # the most compute-dtype weight copies at once
+    host: int
+    done: tuple[int, ...]    # per unit: gradient bytes it leaves once its backward is over
+    after: tuple[int, ...]   # per unit: bytes its backward adds beyond the trace's own gradients
+    casts: tuple[int, ...]   # per unit, one rank under autocast: its bf16 weight copies (else ())
+    final: int               # gradients at the optimizer step
+    step: int                # the optimizer step's temporaries
+    accumulate: bool         # gradients exist from the step's second micro-batch on
+
+
+def _state(model: nn.Module, stage: int, dp: int, offload: bool, c: int, accumulate: bool, cuda: bool) -> _State:
+    """The state of `model` (fp32, on meta) on one of `dp` ranks; c: bytes per element of the
+    compute dtype. FSDP2 units: the embeddings (unless tied), each block, and the root, which
+    stays gathered for the whole step."""
+    tied = model.lm_head is None
+    parts = [list(b.parameters()) for b in model.layers[::-1]] + ([] if tied else [list(model.embeddings.parameters())])
+    inner = {id(p) for u in parts for p in u}
+    parts.insert(0, [p for p in model.parameters() if id(p) not in inner])
+    rows = lambda p: -(-p.shape[0] // dp) * (p.numel() // p.shape[0])  # noqa: E731  (FSDP2 pads)
+    units = [sum(p.numel() for p in u) for u in parts]
+    total, shards = sum(units), [sum(rows(p) for p in u) for u in parts]
+    step = 0 if cuda or offload else _adamw_temporaries([4 * rows(p) for p in model.parameters()],
+                                                         [p.ndim >= 2 for p in model.parameters()])
+    if dp == 1:  # no engine: fp32 weights, gradients (the trace's own) and moments
+        # autocast casts the weights of matmul-like ops; the embedding lookup reads the fp32 table
+        casts = tuple(c * n for n in units[:len(units) - (not tied)]) + (0,) * (not tied) if c == 2 else ()
+        return _State(4 * total, 4 * total, 8 * total, sum(casts), 0, tuple(4 * n for n in units),
+                      (0,) * len(units), casts, 4 * total, step, accumulate)
+    # A unit's gradient leaves its fp32 shard (all of it at stage 0, replicated; in host memory
+    # with offload), and at stage 1 its full-size fp32 accumulation until the step's
+    # reduce-scatter. Its backward makes the unsharded gradient in the compute dtype (the trace's
+    # own); from stage 2 on a full-size fp32 copy is reduce-scattered as the backward ends.
+    done = tuple((0 if offload else 4 * (n if stage == 0 else k)) + 4 * n * (stage == 1) for n, k in zip(units, shards))
+    after = tuple(d + 4 * n * (stage > 1) for d, n in zip(done, units))
+    grads = sum(done) + max(c * n + 4 * n * (stage > 1) for n in units)
     # stage 3 frees each unit's weights after use: the one computing and the next, prefetched
-    in_flight = max(a + b for a, b in zip(units, units[1:] + [0]))
-    gathered = c * (total if stage < 3 else root + in_flight)
-    if offload:  # the sharded state lives in host memory; gradients are reduced on the GPU
-        return 0, grads - sharded, 0, gathered, 16 * shard
-    return sharded, grads, 2 * sharded, gathered, 0
+    order = units[1:][::-1]  # forward order, the root apart
+    in_flight = max(a + b for a, b in zip(order, order[1:] + [0]))
+    gathered = c * (total if stage < 3 else units[0] + in_flight)
+    sharded = 0 if offload else 4 * (total if stage == 0 else sum(shards))
+    return _State(sharded, grads, 2 * sharded, gathered, 16 * sum(shards) * offload, done, after, (), sharded, step,
+                  accumulate)
+
+
+def _adamw_temporaries(sizes: list[int], decays: list[bool]) -> int:
+    """Most bytes single-tensor AdamW (the CPU's; CUDA runs the fused kernel) allocates at once,
+    for fp32 parameters of `sizes` bytes in the groups of train.optim.build_optimizer (matrices
+    decay, vectors do not). Per parameter it computes denom = sqrt(v) / bc2 + eps: the square
+    root and the quotient are alive together while the previous parameter's denom is still held."""
+    most = 0
+    for group in ([n for n, d in zip(sizes, decays) if d], [n for n, d in zip(sizes, decays) if not d]):
+        most = max([most] + [2 * n + previous for n, previous in zip(group, [0] + group[:-1])])
+    return most
+
+
+def _timeline(layers: list[Piece], head: Piece, r: int, state: _State, recompute: str):
+    """(bytes the blocks hold for backward at the end of the forward, the step's moments as
+    (name, activations and temporaries, gradients, gathered weights)); r: bytes of one residual
+    [B, T, hidden].
+
+    The forward runs the blocks, then the head; the backward the head, then the blocks in
+    reverse, block i's backward seeing what the blocks below it hold, then the embeddings; then
+    the optimizer steps. A residual between two blocks is kept if the block after keeps its input
+    or the block before its output. The rope tables, made once per step, live until block 0's
+    backward (held by the sequence context or saved)."""
+    n, rope, acc = len(layers), max(p.rope for p in layers), state.accumulate
+    casts = state.casts
+
+    def grads(k: int, own: int) -> int:
+        """Gradients while unit k (backward order: 0 the root, n - i block i, n + 1 the
+        embeddings) runs its backward: with accumulation all of them; without, what the units
+        before it left, what its backward adds and its own gradients from the trace (`own`)."""
+        return state.grads if acc else sum(state.done[:k]) + (state.after[k] if k < len(state.after) else 0) + own
+
+    # Weight copies: gathered for the whole step when sharded. One rank under autocast: the cache
+    # holds each copy from its first use to the end of the forward, then a copy lives while a
+    # saved graph holds it: without recomputation until its unit's backward; with it, the
+    # blocks' copies go with the forward graph and are cast again in each block's backward.
+    def weights(k: int, backward: bool) -> int:
+        if not casts:
+            return state.gathered
+        return casts[k] if backward and recompute != "none" else sum(casts[k:n + 1])
+
+    def backward(p: Piece, k: int, below: int):  # (activations and temporaries, gradients)
+        if acc:  # a gradient made in this backward lives until it is added to the existing one
+            return below + p.acc_peak, state.grads
+        return below + p.bwd_grad_peak - p.bwd_grads, grads(k, p.bwd_grads)
+
+    held, prev_out, below, moments = rope, False, [], []
+    for i, p in enumerate(layers):
+        moments.append((f"forward block {i}", held + p.fwd_peak, state.grads * acc, weights(n - i, False)))
+        below.append((held, prev_out))
+        held += p.kept + r * (p.keeps_input or prev_out)
+        prev_out = p.keeps_output
+    moments += [("forward head and loss", held + head.fwd_peak, state.grads * acc, weights(0, False)),
+                ("head and loss backward", *backward(head, 0, held + r * (prev_out and not head.keeps_input)),
+                 weights(0, True))]
+    for i in range(n - 1, -1, -1):
+        held_below, kept_before = below[i]
+        extra = r * (kept_before and not layers[i].keeps_input)
+        moments.append((f"backward block {i}", *backward(layers[i], n - i, held_below + extra), weights(n - i, True)))
+    # the rope tables are gone: the trace's embedding backward alone (with accumulation the head
+    # piece's whole backward, which the head moment already exceeds)
+    embed = ((head.acc_peak, state.grads) if acc
+             else (head.embed_peak - head.embed_grads, grads(n + 1, head.embed_grads)))
+    moments.append(("embedding backward", *embed, 0 if casts else state.gathered))
+    moments.append(("optimizer step", state.step, state.final, 0))
+    return held + r * prev_out, moments
 
 
 def _settings(cfg, dp: int, device_type: str):
-    """Checks what the planner covers; returns (micro-batch, setup, ZeRO stage, state bytes)."""
+    """Checks what the planner covers; returns (micro-batch, setup, ZeRO stage, _State)."""
     par, train = cfg.parallel, cfg.train
     for key in ("pp", "ep", "sp"):
         if getattr(par, key) != 1:
@@ -155,9 +235,10 @@ def _settings(cfg, dp: int, device_type: str):
     if local % (train.micro_batch or local):
         raise ValueError(f"train.micro_batch={train.micro_batch} must divide the per-rank batch {local} "
                          f"(train.global_batch={train.global_batch} / dp={dp})")
-    stage = par.stage_for(dp)
-    state = _state(_meta_model(cfg.model, torch.float32), stage, dp, par.offload_optimizer, 2 if bf16 else 4)
-    return train.micro_batch or local, setup, stage, state
+    stage, micro = par.stage_for(dp), train.micro_batch or local
+    state = _state(_meta_model(cfg.model, torch.float32), stage, dp, par.offload_optimizer, 2 if bf16 else 4,
+                   micro < local, device_type == "cuda")
+    return micro, setup, stage, state
 
 
 def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
@@ -165,16 +246,18 @@ def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
     b, setup, stage, state = _settings(cfg, dp, device_type)
     m, t = cfg.model, cfg.data.seq_len
     residual = b * t * m.hidden_size * setup.weights.itemsize
-    activations, transient, peaks = {}, {}, {}
+    activations, worst, held, peaks = {}, {}, {}, {}
     for setting in MODES:
         *layers, head = _pieces(m, setup, b, t, setting)
         logits = max(head.fwd_peak, head.bwd_peak)
-        activations[setting], most = _timeline(layers, head, residual)
-        transient[setting] = most - activations[setting] - logits
-        peaks[setting] = sum(state[:4]) + most
+        activations[setting], moments = _timeline(layers, head, residual, state, setting)
+        name, live, grads, weights = max(moments, key=lambda moment: sum(moment[1:]))
+        worst[setting] = name
+        held[setting] = {"gradients": grads, "weight copies": weights, "activations, temporaries": live}
+        peaks[setting] = state.params + state.optimizer + grads + weights + live
     return MemoryPlan(m.name, dp, stage, dp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b, t,
-                      b * t, "bf16" if setup.autocast else "fp32", *state, activations, logits, transient,
-                      peaks, peaks[cfg.train.recompute])
+                      b * t, "bf16" if setup.autocast else "fp32", state.params, state.grads, state.optimizer,
+                      state.gathered, state.host, activations, logits, worst, held, peaks, peaks[cfg.train.recompute])
 
 
 def smallest_dp(cfg, gpu_bytes: int, max_dp: int = 4096, device_type: str = "cuda") -> int | None:
@@ -184,7 +267,8 @@ def smallest_dp(cfg, gpu_bytes: int, max_dp: int = 4096, device_type: str = "cud
     for dp in range(2 if cfg.parallel.offload_optimizer else 1, max_dp + 1):
         if t.global_batch % dp or (t.micro_batch and (t.global_batch // dp) % t.micro_batch):
             continue
-        if sum(_settings(cfg, dp, device_type)[3][:4]) > gpu_bytes:
+        state = _settings(cfg, dp, device_type)[3]
+        if state.params + state.optimizer + state.final + state.step > gpu_bytes:
             continue  # the state alone does not fit: no need to trace activations
         if plan_memory(cfg, dp, device_type).peak <= gpu_bytes:
             return dp
@@ -199,12 +283,12 @@ def check_fits(plan: MemoryPlan, gpu_bytes: int) -> None:
     parts = ", ".join(f"{name} {g(n)}" for name, n in (
         ("parameters", plan.params), ("gradients", plan.grads), ("optimizer", plan.optimizer),
         ("gathered weights", plan.gathered_weights), ("activations", plan.activations[plan.recompute]),
-        ("logits", plan.logits), ("transient", plan.transient[plan.recompute])))
+        ("logits", plan.logits)))
     others = ", ".join(f"{s} {g(plan.peaks[s])}" for s in MODES if s != plan.recompute)
     raise ValueError(
-        f"{plan.model} does not fit: peak {g(plan.peak)} GiB per rank > {g(gpu_bytes)} GiB of GPU memory ({parts} "
-        f"GiB). Lower it with parallel.zero_stage (now {plan.zero_stage}; 3 shards weights, gradients and optimizer "
-        f"state over the dp ranks), parallel.dp / more GPUs (now {plan.dp}), train.recompute (now {plan.recompute}; "
+        f"{plan.model} does not fit: peak {g(plan.peak)} GiB per rank > {g(gpu_bytes)} GiB of GPU memory at the "
+        f"{plan.worst[plan.recompute]} ({parts} GiB). Lower it with parallel.zero_stage (now {plan.zero_stage}; 3 "
+        f"shards weights, gradients and optimizer state over the dp ranks), parallel.dp / more GPUs (now {plan.dp}), train.recompute (now {plan.recompute}; "
         f"peak with {others} GiB), train.micro_batch (now {plan.micro_batch}) or data.seq_len (now {plan.seq_len}): "
         f"activations and logits grow with the {plan.tokens_per_micro_batch:,} tokens of a micro-batch")
 
@@ -223,10 +307,13 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None) -> str:
              f"{plan.compute_dtype} compute; {unit} per rank"]
     lines += [f"{name:36}{g(n)}" for name, n in rows]
     lines.append(f"{'train.recompute':36}" + "".join(f"{s:>11}" for s in MODES))
-    for name, values in (("activations", plan.activations), ("logits and loss", dict.fromkeys(MODES, plan.logits)),
-                         ("backward transient", plan.transient), ("peak", plan.peaks)):
-        lines.append(f"{name:36}" + "".join(g(values[s]) for s in MODES))
+    lines += [f"{name:36}" + "".join(g(values[s]) for s in MODES) for name, values in (
+        ("activations", plan.activations), ("logits and loss", dict.fromkeys(MODES, plan.logits)))]
+    lines += [f"{'at peak: ' + key:36}" + "".join(g(plan.held[s][key]) for s in MODES)
+              for key in plan.held[plan.recompute]]
+    lines.append(f"{'peak':36}" + "".join(g(plan.peaks[s]) for s in MODES))
     if gpu_bytes is not None:
         lines.append(f"{f'fits {gpu_bytes / GiB:g} GiB':36}" + "".join(
             f"{'yes' if plan.peaks[s] <= gpu_bytes else 'no':>11}" for s in MODES))
+    lines.append("worst moment: " + "; ".join(f"{s} {plan.worst[s]}" for s in MODES))
     return "\n".join(lines)

@@ -80,14 +80,28 @@ class LiveBytes(TorchDispatchMode):
 
     def peak(self, start: int, end: int, skip=frozenset()) -> int:
         """Most bytes alive at once between two marks, leaving out the serials in `skip`."""
+        return self.peak_of(start, end, skip)[0]
+
+    def peak_of(self, start: int, end: int, skip=frozenset(), part=frozenset(), until=None) -> tuple[int, int]:
+        """(most bytes alive at once between two marks, leaving out the serials in `skip`; the
+        bytes of the serials in `part` alive at the first moment of that most). until: {serial:
+        mark}, serials counted as freed at that mark (after `start`)."""
         skip = self._excluded | set(skip)
-        now = most = self.bytes(self.alive(start) - skip)
-        for e in self._events[start:end]:
+        alive = self.alive(start) - skip
+        now = most = self.bytes(alive)
+        mine = at_most = self.bytes(alive & set(part))
+        events = list(self._events[start:end])
+        for s, at in sorted((until or {}).items(), key=lambda item: -item[1]):
+            events.insert(at - start, ~s)
+        for e in events:
             s = e if e >= 0 else ~e
             if s not in skip:
-                now += self._bytes[s] if e >= 0 else -self._bytes[s]
-                most = max(most, now)
-        return most
+                sign = 1 if e >= 0 else -1
+                now += sign * self._bytes[s]
+                mine += sign * self._bytes[s] * (s in part)
+                if now > most:
+                    most, at_most = now, mine
+        return most, at_most
 
 
 # torch.autocast("cuda") op lists, the part model code reaches: matmul-like ops run in the
@@ -235,6 +249,14 @@ class Piece:
     rope: int            # the rope tables (cos, sin [B, T, head_dim], one pair per step) if it uses them
     fwd_peak: int        # most bytes alive during its forward, its input included
     bwd_peak: int        # most during its backward: kept bytes, gradients, recomputation, temporaries
+    bwd_grad_peak: int   # the same, its own parameter gradients counted from when they are made
+    #                      (head piece: up to the embedding backward, which the real step runs last)
+    bwd_grads: int       # its own parameter gradients alive at bwd_grad_peak
+    acc_peak: int        # the backward's most with each own gradient counted from when it is made
+    #                      until it is accumulated (freed), as when an earlier one exists
+    embed_peak: int = 0  # head piece: most during the embedding backward, with the embeddings'
+    #                      gradients and without the root's (the step counts those as done)
+    embed_grads: int = 0  # the embeddings' gradients alive at embed_peak
 
 
 def trace(model: nn.Module, setup: Setup, b: int, t: int, layer: int | None, recompute: str) -> Piece:
@@ -258,8 +280,16 @@ def trace(model: nn.Module, setup: Setup, b: int, t: int, layer: int | None, rec
     if layer is not None:
         part.forward = emulate(part.forward)
         apply_recompute([part], recompute)
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: live.exclude(p.grad))  # counted as state
-             for p in part.parameters()]
+    # parameter gradients by where the step counts them: the embeddings' run last (untied only)
+    embedding = {id(p) for p in model.embeddings.parameters()} if layer is None and model.lm_head is not None else set()
+    grads: dict[bool, set[int]] = {True: set(), False: set()}
+    accumulated: dict[int, int] = {}  # serial of a gradient -> mark of its first accumulation
+
+    def accumulate(p):
+        serial = live.track(p.grad)
+        grads[id(p) in embedding].add(serial)
+        accumulated.setdefault(serial, live.mark())
+    hooks = [p.register_post_accumulate_grad_hook(accumulate) for p in part.parameters()]
     seed = torch.zeros(1, 1, 1, dtype=setup.weights, device=device, requires_grad=True)
     ids = torch.zeros(b, t, dtype=torch.long, device=device)
     ctx, layers, edge = _PlanContext(ids, setup.cuda and device.type == "meta"), model.layers, {}
@@ -269,7 +299,10 @@ def trace(model: nn.Module, setup: Setup, b: int, t: int, layer: int | None, rec
         with live:
             if layer is None:
                 model.layers = nn.ModuleList()
-                hook = model.embeddings.register_forward_hook(lambda m, a, h: edge.update(input=live.track(h)))
+                def embedded(module, args, h):  # its gradient arrives as the embedding backward begins
+                    edge["input"] = live.track(h)
+                    h.register_hook(lambda g: edge.update(embed_bwd=live.mark()))
+                hook = model.embeddings.register_forward_hook(embedded)
                 out = emulate(model)(ids, labels=ids, ctx=ctx)
                 hook.remove()
                 loss = out.loss_sum + out.aux_loss
@@ -293,6 +326,10 @@ def trace(model: nn.Module, setup: Setup, b: int, t: int, layer: int | None, rec
         for p, hook in zip(part.parameters(), hooks):
             p.grad = None
             hook.remove()
-    alive, edges = live.alive(end_fwd), {edge["input"], edge.get("output")}
+    alive, edges, end = live.alive(end_fwd), {edge["input"], edge.get("output")}, live.mark()
+    embed_bwd = edge.get("embed_bwd", end)
     return Piece(live.bytes(alive - edges), edge["input"] in alive, edge.get("output") in alive, rope,
-                 live.peak(0, end_fwd), live.peak(end_fwd, live.mark()))
+                 live.peak(0, end_fwd), live.peak(end_fwd, end, grads[True] | grads[False]),
+                 *live.peak_of(end_fwd, embed_bwd, grads[True], grads[False]),
+                 live.peak_of(end_fwd, end, until=accumulated)[0],
+                 *(live.peak_of(embed_bwd, end, grads[False], grads[True]) if embed_bwd < end else (0, 0)))
