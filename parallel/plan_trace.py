@@ -158,8 +158,9 @@ class _CudaEmulation(TorchFunctionMode):
 def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention as CUDA runs it, q [B, Hq, T, D], k/v [B, Hkv, S, D] ->
     [B, Hq, T, D]: flash attention (GQA native) for 16-bit inputs without a mask, else the
-    memory-efficient kernel, for which SDPA turns a boolean mask into an additive one of q's dtype
-    and expands it to [B, Hq, T, S] (padding it to a multiple of 16 columns materialises that).
+    memory-efficient kernel, for which SDPA turns a boolean mask into an additive one of q's dtype,
+    kept unexpanded (a broadcast view to [B, Hq, T, S]: on an H200 with torch 2.11 a mask whose
+    last dim is not a multiple of 16 is not padded into a full copy either, measured 2026-12-01).
     The kernels' meta functions give the shapes and layouts, their autograd formulas what is
     saved. (cuDNN attention, which some builds prefer on sm90/sm100, saves the same tensors.)"""
     aten = torch.ops.aten
@@ -169,8 +170,6 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     if attn_mask is not None:
         shape = (*q.shape[:3], k.shape[2])
         bias = q.new_empty(attn_mask.shape).expand(shape)
-        if shape[-1] % 16:
-            bias = q.new_empty(*shape[:3], shape[-1] + 16 - shape[-1] % 16)[..., :shape[-1]]
     return aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p, is_causal, scale=scale)[0]
 
 
