@@ -30,16 +30,21 @@ import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from . import comm
+
 
 class Engine:
     """The model the trainer calls plus what its data-parallel engine needs per step.
 
     module: the model to call (the decoder itself, sharded in place when dp > 1).
     stage: the ZeRO stage in force; sharded: whether FSDP2 manages the weights.
+    shard_group: the process group over which a parameter's rows are split (None: unsharded).
     """
 
-    def __init__(self, module: torch.nn.Module, stage: int, sharded: bool, offload: bool):
+    def __init__(self, module: torch.nn.Module, stage: int, sharded: bool, offload: bool,
+                 shard_group=None, device: torch.device | None = None):
         self.module, self.stage, self.sharded, self.offload = module, stage, sharded, offload
+        self.shard_group, self.device = shard_group, device
 
     def micro_batch(self, last: bool) -> None:
         """Before each micro-batch's forward: whether it is the step's last. Stages 0 and 1
@@ -49,14 +54,25 @@ class Engine:
         self.module.set_requires_gradient_sync(last or self.stage >= 2)
         self.module.set_reshard_after_backward(last or self.stage == 3)
 
+    @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global gradient L2 norm over all ranks' shards (before clipping); clips to `max_norm`
-        (0 = no clipping)."""
+        """Global gradient L2 norm over all ranks' shards (before clipping); scales the gradients
+        down to `max_norm` when above it (0 = no clipping), as `clip_grad_norm_` does.
+
+        Sharded: each rank sums the squares of its own rows (wherever they live: the GPU, or host
+        memory under offload) and the sums are added over the shard group on the device."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return float(norm)
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for t in local:
+            squares += torch.linalg.vector_norm(t, dtype=torch.float32).to(self.device) ** 2
+        norm = float(comm.all_reduce(squares, group=self.shard_group).sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if max_norm > 0 and coef < 1:
+            torch._foreach_mul_(local, coef)
+        return norm
 
 
 def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offload: bool) -> None:

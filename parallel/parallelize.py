@@ -34,7 +34,8 @@ def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
     if sharded:
         shard(model, mesh.submesh("dp_replicate", "dp_shard"), mesh.zero_stage,
               compute_dtype(cfg.train.precision, mesh.device), offload)
-    return Engine(model, mesh.zero_stage, sharded, offload and sharded)
+    return Engine(model, mesh.zero_stage, sharded, offload and sharded,
+                  shard_group=mesh.group("dp_shard"), device=mesh.device)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
