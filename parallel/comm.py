@@ -25,15 +25,6 @@ def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     return out
 
 
-def all_gather(x: torch.Tensor, group=None) -> torch.Tensor:
-    """[*shape] on every rank -> [group size, *shape], ordered by rank in `group`."""
-    if group is None or group_size(group) == 1:
-        return x.unsqueeze(0)
-    out = x.new_empty((group_size(group), *x.shape))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
-
-
 def any_rank(flag: bool, device: torch.device, group=None) -> bool:
     """True on every rank of `group` when `flag` is true on any of them."""
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max", group).item())

@@ -27,7 +27,7 @@ state in host memory and steps AdamW on the CPU (ZeRO-3, CUDA).
 from __future__ import annotations
 
 import torch
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import comm
@@ -92,6 +92,3 @@ def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offlo
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
 
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    return isinstance(module, FSDPModule)

@@ -42,6 +42,8 @@ import yaml
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+from parallel import comm
+
 log = logging.getLogger("train")
 # a world of one saves and loads without a process group on purpose
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -186,10 +188,8 @@ class Checkpointer:
         done, since staging reuses that write's buffers."""
         self.wait()
         staged = stage_fn()
-        nonce = [uuid.uuid4().hex[:8] if self.mesh.is_main else None]
-        if self.group is not None:
-            dist.broadcast_object_list(nonce, src=0, group=self.group)
-        tmp = os.path.join(self.folder, f"{step_name(staged['step'])}.tmp-{nonce[0]}")
+        nonce = comm.broadcast_object(uuid.uuid4().hex[:8] if self.mesh.is_main else None, self.group)
+        tmp = os.path.join(self.folder, f"{step_name(staged['step'])}.tmp-{nonce}")
         self.last_saved_step = staged["step"]
         if blocking:
             self._write(staged, tmp)
