@@ -2,6 +2,6 @@
 from .config import ParallelConfig
 from .engine import Engine
 from .mesh import Mesh
-from .parallelize import parallelize, unwrap
+from .parallelize import parallelize
 
-__all__ = ["ParallelConfig", "Mesh", "Engine", "parallelize", "unwrap"]
+__all__ = ["ParallelConfig", "Mesh", "Engine", "parallelize"]

@@ -91,4 +91,3 @@ def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offlo
     for block in model.layers:
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
-

@@ -95,10 +95,6 @@ class Mesh:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
     def close(self) -> None:
         if dist.is_initialized():
             # a rank tearing down gloo while a peer still talks to it aborts the peer

@@ -36,8 +36,3 @@ def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
               compute_dtype(cfg.train.precision, mesh.device), offload)
     return Engine(model, mesh.zero_stage, sharded, offload and sharded,
                   shard_group=mesh.group("dp_shard"), device=mesh.device)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model (FSDP2 shards in place, so this is the model itself)."""
-    return model.module if isinstance(model, Engine) else model

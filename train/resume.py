@@ -90,7 +90,7 @@ def check_model_config(path: str, model_cfg) -> None:
 
 def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
     """Restores model (strict), optimizer, step, tokens, loader and this rank's RNG from `path`.
-    model: the plain (unwrapped) model. Returns the checkpoint's state.json."""
+    model: the model being trained (sharded in place by the engine). Returns the checkpoint's state.json."""
     cfg, mesh = trainer.cfg, trainer.mesh
     state = read_state(path)
     check_model_config(path, cfg.model)

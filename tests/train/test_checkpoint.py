@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from parallel import Mesh, ParallelConfig
-from parallel.parallelize import unwrap
 from tests.helpers import model_config, stop_after as stop_at
 from tests.launch.test_pretrain_cli import SCRIPT, launch, small_run
 from tests.train.test_trainer import data_cfg, make_cfg  # noqa: F401  (fixture)
@@ -27,7 +26,7 @@ def fit(cfg, stop_after=None, hook=None):
     if stop_after is not None:
         stop_at(trainer, stop_after)
     if hook is not None:
-        unwrap(trainer.model).embeddings.register_forward_hook(hook)
+        trainer.model.embeddings.register_forward_hook(hook)
     try:
         trainer.fit()
     finally:
