@@ -1,8 +1,13 @@
 """Causal softmax attention (sliding window, sink tokens, packed documents): the dispatcher.
 
-``attention`` checks its inputs once, then hands them to the fastest backend that supports the
-device and options. Backends share one signature; a fast kernel plugs in by adding a branch to
-``pick_backend``. The masking rules live in ``reference.visibility_mask``.
+``attention`` checks its inputs once, then hands them to a backend; all backends share one
+signature and the masking rules of ``reference.visibility_mask``:
+  * ``reference``: dense float32 math, the ground truth and the CPU path;
+  * ``sdpa``: SDPA with ``is_causal`` for plain causal attention, else a dense ``[T, S + T]``
+    mask (kept as the benchmark peer for masked cases: its mask is quadratic in T);
+  * ``flex``: one flex_attention call with a block mask built from cu_seqlens (``flex.py``);
+  * ``varlen``: one flash-attention varlen call, no sinks (``varlen.py``).
+``pick_backend`` chooses per device and case; ``backend=`` overrides it (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ops.attention.flex import attention_flex
 from ops.attention.reference import attention_reference, check_attention_inputs, visibility_mask
+from ops.attention.varlen import attention_varlen, varlen_unsupported
 
-__all__ = ["attention", "attention_reference", "attention_sdpa", "pick_backend", "visibility_mask"]
+__all__ = ["BACKENDS", "attention", "attention_flex", "attention_reference", "attention_sdpa",
+           "attention_varlen", "pick_backend", "visibility_mask"]
 
 
 def attention_sdpa(q, k, v, *, window=None, sink_k=None, sink_v=None, cu_seqlens=None,
@@ -51,11 +59,25 @@ def attention_sdpa(q, k, v, *, window=None, sink_k=None, sink_v=None, cu_seqlens
     return out.transpose(1, 2)
 
 
-def pick_backend(q: torch.Tensor):
-    """The attention implementation used for ``q``'s device."""
-    if q.is_cuda:
-        return attention_sdpa
-    return attention_reference
+def pick_backend(q: torch.Tensor, *, window: int | None, num_sinks: int, packed: bool) -> str:
+    """Name of the backend ``attention`` uses for ``q`` ``[B, T, Hq, D]`` and this case.
+
+    ``window`` is already normalised (None when it spans the whole row). CPU and other devices:
+    the reference. CUDA: plain causal attention is SDPA's ``is_causal`` (flash or cuDNN, no mask
+    at all); documents or a window without sinks go to the flash-attention varlen kernel, which
+    reads both natively; sinks (and what varlen cannot run: fp32, an old torch) go to flex.
+    """
+    if not q.is_cuda:
+        return "reference"
+    if not num_sinks and not packed and window is None:
+        return "sdpa"
+    if varlen_unsupported(q, num_sinks) is None:
+        return "varlen"
+    return "flex"
+
+
+BACKENDS = {"reference": attention_reference, "sdpa": attention_sdpa, "flex": attention_flex,
+            "varlen": attention_varlen}
 
 
 # Packed inputs are cut at document boundaries into bins of about this many tokens: attention
@@ -78,26 +100,37 @@ def document_bins(cu_seqlens: torch.Tensor) -> list[list[int]]:
 
 
 def attention(q, k, v, *, window=None, sink_k=None, sink_v=None, cu_seqlens=None,
-              scale=None) -> torch.Tensor:
+              scale=None, backend: str | None = None) -> torch.Tensor:
     """Causal GQA softmax attention with optional sliding window, sink tokens and documents.
 
     q ``[B, T, Hq, D]``; k, v ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0`` (query head h reads KV
     head ``h // (Hq // Hkv)``). ``window=w``: query i sees keys ``i - w ... i``. ``sink_k``,
     ``sink_v`` ``[S, Hkv, D]``: extra keys every query sees. ``cu_seqlens`` int ``[N+1]``
-    (B == 1): document boundaries along T. ``scale`` defaults to ``D ** -0.5``.
+    (B == 1): document boundaries along T. ``scale`` defaults to ``D ** -0.5``. ``backend``:
+    None picks one (``pick_backend``), or a name from ``BACKENDS``.
     Returns ``[B, T, Hq, D]`` in q's dtype.
     """
     check_attention_inputs(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v,
                            cu_seqlens=cu_seqlens, scale=scale)
-    backend = pick_backend(q)
-    bins = document_bins(cu_seqlens) if cu_seqlens is not None and q.shape[1] > BIN_TOKENS else None
+    T = q.shape[1]
+    if window is not None and window >= T - 1:
+        window = None  # it covers every earlier key: full attention, one compiled mask fewer
+    num_sinks = 0 if sink_k is None else sink_k.shape[0]
+    if backend is None:
+        backend = pick_backend(q, window=window, num_sinks=num_sinks, packed=cu_seqlens is not None)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {sorted(BACKENDS)}; got {backend!r}")
+    fn = BACKENDS[backend]
+    kwargs = dict(window=window, sink_k=sink_k, sink_v=sink_v, scale=scale)
+    # Only the dense backends gain from cutting the row at document boundaries (their cost is
+    # quadratic in the piece length); flex and varlen take the whole row in one call.
+    dense = backend in ("reference", "sdpa")
+    bins = document_bins(cu_seqlens) if dense and cu_seqlens is not None and T > BIN_TOKENS else None
     if bins is None or len(bins) == 1:
-        return backend(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v,
-                       cu_seqlens=cu_seqlens, scale=scale)
+        return fn(q, k, v, cu_seqlens=cu_seqlens, **kwargs)
     outs = []
     for bounds in bins:
         a, b = bounds[0], bounds[-1]
         local = torch.tensor([x - a for x in bounds], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-        outs.append(backend(q[:, a:b], k[:, a:b], v[:, a:b], window=window, sink_k=sink_k,
-                            sink_v=sink_v, cu_seqlens=local, scale=scale))
+        outs.append(fn(q[:, a:b], k[:, a:b], v[:, a:b], cu_seqlens=local, **kwargs))
     return torch.cat(outs, dim=1)
