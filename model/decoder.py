@@ -2,7 +2,7 @@
 plan, final norm, LM head.
 
 Pipeline parallelism cuts `layers` (an ordered list) into stages and calls `embed`, the blocks
-and `head` piecewise; nothing here knows about ranks.
+and `head` (or `head_loss`) piecewise; nothing here knows about ranks.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ops.loss import linear_cross_entropy
 from .config import ModelConfig
 from .context import SequenceContext
 from .layers import RMSNorm, SwiGLU, init_linear
@@ -72,6 +73,27 @@ class Decoder(nn.Module):
         h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embeddings.weight)
 
+    def head_loss(self, h, labels):
+        """hidden [B, T, hidden] (or [1, B*T, hidden] when packed), labels [B, T] -> summed token
+        cross-entropy (fp32 0-dim) over labels != IGNORE_INDEX.
+
+        The logits are made chunk by chunk (`ops.loss.linear_cross_entropy`), never all at once.
+        A head that is not a plain bias-free nn.Linear (e.g. `QuantLinear`), or whose hooks need
+        more than its input (anything but forward pre-hooks, such as spiking's), takes the full
+        logits instead."""
+        h, targets = self.norm(h).flatten(0, -2), labels.flatten()
+        if self.lm_head is None:
+            return linear_cross_entropy(h, self.embeddings.weight, targets, ignore_index=IGNORE_INDEX)
+        pre_hooks = _input_hooks(self.lm_head)
+        if pre_hooks is None:
+            return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        for hook in pre_hooks:  # as nn.Module.__call__ applies them
+            out = hook(self.lm_head, (h,))
+            if out is not None:
+                h = out[0] if isinstance(out, tuple) else out
+        return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX)
+
     # -- full forward ----------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, labels=None, ctx: SequenceContext | None = None,
                 route_only: bool = False):
@@ -92,12 +114,9 @@ class Decoder(nn.Module):
         aux = sum((s.balance_loss() for s in router), h.new_zeros((), dtype=torch.float32))
         if route_only:
             return DecoderOutput(None, None, None, aux, router)
-        logits = self.head(h).reshape(b, t, -1)
         if labels is None:
-            return DecoderOutput(logits, None, None, aux, router)
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return DecoderOutput(None, loss_sum, (labels != IGNORE_INDEX).sum(), aux, router)
+            return DecoderOutput(self.head(h).reshape(b, t, -1), None, None, aux, router)
+        return DecoderOutput(None, self.head_loss(h, labels), (labels != IGNORE_INDEX).sum(), aux, router)
 
     # -- weights ---------------------------------------------------------------------------
     def weight_parts(self) -> list[nn.Module]:
@@ -122,6 +141,20 @@ class Decoder(nn.Module):
                 per_expert = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
                 inactive += (m.num_experts - m.top_k) * per_expert
         return {"total": total, "active": total - inactive}
+
+
+def _input_hooks(head: nn.Module) -> list | None:
+    """The forward pre-hooks of `head` when it is a plain bias-free nn.Linear whose only hooks
+    are those (they transform its input), else None: its call cannot be split from its output."""
+    g = nn.modules.module
+    if type(head) is not nn.Linear or head.bias is not None or head._forward_pre_hooks_with_kwargs:
+        return None
+    if head._forward_hooks or head._backward_hooks or head._backward_pre_hooks:
+        return None
+    if (g._global_forward_pre_hooks or g._global_forward_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
+        return None
+    return list(head._forward_pre_hooks.values())
 
 
 @torch.no_grad()

@@ -178,11 +178,15 @@ def _timeline(layers: list[Piece], head: Piece, r: int, state: _State, recompute
     # Weight copies: gathered for the whole step when sharded. One rank under autocast: the cache
     # holds each copy from its first use to the end of the forward, then a copy lives while a
     # saved graph holds it: without recomputation until its unit's backward; with it, the
-    # blocks' copies go with the forward graph and are cast again in each block's backward.
+    # blocks' copies go with the forward graph and are cast again in each block's backward. No
+    # graph saves the root's copy (the LM head's): the chunked loss (ops.loss) makes the head's
+    # gradients in its forward, so that copy is gone when the forward ends.
     def weights(k: int, backward: bool) -> int:
         if not casts:
             return state.gathered
-        return casts[k] if backward and recompute != "none" else sum(casts[k:n + 1])
+        if not backward:
+            return sum(casts[k:n + 1])
+        return (casts[k] if k else 0) if recompute != "none" else sum(casts[max(k, 1):n + 1])
 
     def backward(p: Piece, k: int, below: int):  # (activations and temporaries, gradients)
         if acc:  # a gradient made in this backward lives until it is added to the existing one

@@ -40,6 +40,7 @@ class TrainConfig:
     max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
     recompute: str = "none"        # activation recomputation: none, full (whole blocks) or selective
     check_memory: bool = True      # on CUDA, refuse a run whose planned peak exceeds the GPU's memory
+    peak_tflops: float | None = None  # one device's bf16 peak for MFU; None: by CUDA device name (train/flops.py)
 
     def __post_init__(self):
         for key in ("max_steps", "global_batch", "log_every"):
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"train.recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if not self.resume:
             raise ValueError('train.resume must be "auto", "never" or a checkpoint path, got ""')
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"train.peak_tflops must be > 0 (or null: from the device name), got {self.peak_tflops}")
         if not self.run_dir:
             raise ValueError("train.run_dir must not be empty")
 

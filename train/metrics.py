@@ -11,11 +11,16 @@ log = logging.getLogger("train")
 
 
 class MetricsLogger:
-    """Accumulates per-step values between log points and writes their means (rank 0 only)."""
+    """Accumulates per-step values between log points and writes their means (rank 0 only).
 
-    def __init__(self, run_dir: str, enabled: bool, max_steps: int):
+    peak_flops: one device's peak FLOP/s (`train.flops.device_peak_flops`), None when unknown;
+    num_gpus: the devices of the run (world size), over which model FLOPs are spread."""
+
+    def __init__(self, run_dir: str, enabled: bool, max_steps: int, peak_flops: float | None = None,
+                 num_gpus: int = 1):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled, self.max_steps = enabled, max_steps
+        self.peak_flops, self.num_gpus = peak_flops, num_gpus
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
         self._reset(time.perf_counter())
@@ -44,18 +49,30 @@ class MetricsLogger:
                 f.writelines(keep)
             os.replace(tmp, self.path)
 
-    def flush(self, step: int, lr: float, grad_norm: float, total_tokens: int, **extra) -> dict | None:
+    def flush(self, step: int, lr: float, grad_norm: float, total_tokens: int,
+              model_flops: float | None = None, **extra) -> dict | None:
+        """model_flops: model FLOPs of all ranks since the last flush (`model.flops`), for
+        `tflops_per_gpu` and, with a known peak, `mfu` (a fraction of the peak)."""
         if not self._steps:
             return None
         now = time.perf_counter()
+        elapsed = max(now - self._t0, 1e-9)
         row = {"step": step, "loss": self._loss / self._loss_steps if self._loss_steps else math.nan, "lr": lr, "grad_norm": grad_norm,
-               "tokens": total_tokens, "tokens_per_s": self._tokens / max(now - self._t0, 1e-9), **extra}
+               "tokens": total_tokens, "tokens_per_s": self._tokens / elapsed}
+        if model_flops is not None:
+            per_gpu = model_flops / elapsed / self.num_gpus
+            row["tflops_per_gpu"] = per_gpu / 1e12
+            if self.peak_flops:
+                row["mfu"] = per_gpu / self.peak_flops
+        row.update(extra)
         self._reset(now)
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s",
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s%s%s",
                      step, self.max_steps, row["loss"], lr, grad_norm, f"{total_tokens:,}",
                      f"{row['tokens_per_s']:,.0f}",
+                     f" | TFLOP/s/GPU {row['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in row else "",
+                     f" | MFU {row['mfu']:.1%}" if "mfu" in row else "",
                      f" | peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
         return row
