@@ -47,6 +47,12 @@ class SequenceContext:
             return cls(position_ids, torch.cat([idx, end]).to(torch.int32))
         return cls(position_ids)
 
+    def to(self, device: torch.device | str) -> "SequenceContext":
+        """The same context on `device`. Build it from host position ids and move it: finding the
+        document starts then costs no device-to-host synchronisation in the training step."""
+        cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True)
+        return SequenceContext(self.position_ids.to(device, non_blocking=True), cu)
+
     @property
     def packed(self) -> bool:
         return self.cu_seqlens is not None

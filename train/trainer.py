@@ -11,10 +11,13 @@ import time
 
 import torch
 
+from model.context import SequenceContext
 from model.decoder import IGNORE_INDEX
+from model.flops import ModelFlops, document_lengths
 from parallel import comm
 from parallel.parallelize import compute_dtype
 from .checkpoint import Checkpointer, stage
+from .flops import device_peak_flops
 from .metrics import MetricsLogger
 from .optim import lr_at, set_lr
 from .resume import load_checkpoint
@@ -66,7 +69,10 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0         # in the whole run (saved in checkpoints)
         self.skipped_in_a_row = 0
-        self.metrics = MetricsLogger(t.run_dir, mesh.is_main, t.max_steps)
+        self.metrics = MetricsLogger(t.run_dir, mesh.is_main, t.max_steps,
+                                     device_peak_flops(mesh.device, t.peak_tflops), mesh.world_size)
+        self.flops = ModelFlops(cfg.model)
+        self.flops_since_log = 0  # this rank's model FLOPs since the last metrics row
         self.autocast_dtype = compute_dtype(t.precision, mesh.device)
         self.global_balance = cfg.model.moe.balance == "global" and "moe" in cfg.model.ffns
         self.checkpointer = Checkpointer(t.run_dir, mesh, t.keep_checkpoints)
@@ -115,7 +121,7 @@ class Trainer:
                 self._count_skip(skipped, loss, grad_norm)
                 self.metrics.add(loss, tokens)
                 if self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
-                    row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen,
+                    row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen, self._take_flops(),
                                              skipped_steps=self.skipped_steps, **self._device_metrics())
                     if row:
                         rows.append(row)
@@ -144,6 +150,13 @@ class Trainer:
             out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.mesh.device) / 2**30, 3)
             torch.cuda.reset_peak_memory_stats(self.mesh.device)
         return out
+
+    def _take_flops(self) -> float:
+        """Model FLOPs of all data-parallel ranks since the last metrics row (one all-reduce per
+        row, not per step); resets this rank's count."""
+        local, self.flops_since_log = self.flops_since_log, 0
+        total = torch.tensor(float(local), dtype=torch.float64, device=self.mesh.device)
+        return float(comm.all_reduce(total, group=self.mesh.dp_group))
 
     def _count_skip(self, skipped: bool, loss: float, grad_norm: float) -> None:
         if not skipped:
@@ -188,17 +201,25 @@ class Trainer:
         same on every rank (all-reduced), so all ranks skip together."""
         device, dp_group = self.mesh.device, self.mesh.dp_group
         batch = self.loader.next_batch()
+        # counted on the host from the CPU batch (no device sync); the MoE routing pass of
+        # _step_expert_load is overhead, not model FLOPs, like recomputation
+        self.flops_since_log += self.flops.step(document_lengths(batch["position_ids"]))
         num_targets = comm.all_reduce((batch["labels"] != IGNORE_INDEX).sum().to(device), group=dp_group)
         scale = self.mesh.dp / num_targets.clamp(min=1).float()  # the engine averages gradients over dp
         n_micro = self.local_batch // self.micro_batch
-        parts = [{k: v[i * self.micro_batch:(i + 1) * self.micro_batch].to(device, non_blocking=True)
-                  for k, v in batch.items()} for i in range(n_micro)]
+        parts = []
+        for i in range(n_micro):
+            part = {k: v[i * self.micro_batch:(i + 1) * self.micro_batch] for k, v in batch.items()}
+            # document boundaries are found on the host batch: on the device that would stall
+            # the host once per micro-batch while the previous backward drains
+            ctx = SequenceContext.from_position_ids(part["position_ids"]).to(device)
+            parts.append({**{k: v.to(device, non_blocking=True) for k, v in part.items()}, "ctx": ctx})
         step_load = self._step_expert_load(parts) if self.global_balance and n_micro > 1 else None
         loss_sum = torch.zeros((), device=device)
         for i, part in enumerate(parts):
             self.engine.micro_batch(last=i == n_micro - 1)
             with self._autocast():
-                out = self.model(part["input_ids"], position_ids=part["position_ids"], labels=part["labels"])
+                out = self.model(part["input_ids"], labels=part["labels"], ctx=part["ctx"])
                 loss = out.loss_sum * scale + self._balance_loss(out, step_load, n_micro)
             loss.backward()
             loss_sum += out.loss_sum.detach()
@@ -234,8 +255,7 @@ class Trainer:
         routed = []
         for part in parts:
             with self._autocast():
-                routed.append(self.model(part["input_ids"], position_ids=part["position_ids"],
-                                         route_only=True).router)
+                routed.append(self.model(part["input_ids"], ctx=part["ctx"], route_only=True).router)
         return self._sum_load(routed)
 
     def _sum_load(self, routed: list) -> tuple[torch.Tensor, int]:
