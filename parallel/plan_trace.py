@@ -2,7 +2,7 @@
 it runs forward and backward, measured on the meta device at the real shape.
 
 `LiveBytes` follows every storage an op allocates until it is freed; `_CudaEmulation` replays on
-meta tensors what a CUDA step changes (autocast's casts, the fused SDPA kernels); `trace` runs one
+meta tensors what a CUDA step changes (autocast's casts, the fused attention and GLA kernels); `trace` runs one
 piece under both and returns its `Piece`. `parallel/plan.py` composes the pieces into a step.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from model.context import SequenceContext
 from model.moe import LocalDispatcher
-from ops.attention import attention_sdpa
+from ops.gla.triton_chunk import chunk_gla_triton
 from .recompute import apply_recompute
 
 
@@ -128,7 +128,7 @@ class _CudaEmulation(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype | None):
         super().__init__()
         self.dtype = dtype
-        self.casts: dict[int, torch.Tensor] = {}
+        self.casts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -150,9 +150,9 @@ class _CudaEmulation(TorchFunctionMode):
             return t
         if not (t.is_leaf and t.requires_grad):
             return t.to(self.dtype)
-        if id(t) not in self.casts:  # autocast's weight cache
-            self.casts[id(t)] = t.to(self.dtype)
-        return self.casts[id(t)]
+        if id(t) not in self.casts:  # autocast's weight cache; holding t keeps its id unique
+            self.casts[id(t)] = (t, t.to(self.dtype))
+        return self.casts[id(t)][1]
 
 
 def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -174,9 +174,12 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 
 class _PlanContext(SequenceContext):
-    """The single-device context, noting whether a mixer used the rope tables, and sending
-    softmax attention to the SDPA backend when planning for CUDA (ops.attention picks it for CUDA
-    tensors; meta tensors would get the reference)."""
+    """The single-device context, noting whether a mixer used the rope tables, and sending the
+    sequence-mixing cores to what CUDA runs when planning for CUDA (meta tensors would get the
+    reference ops): the Triton GLA kernels, whose autograd Function allocates its buffers on meta
+    and launches nothing, and for softmax attention the footprint of the fused kernels
+    `ops.attention` picks on CUDA (flash varlen, flex): q, k, v, the output and the log-sum-exp,
+    with sink keys joining the keys, never a mask."""
 
     def __init__(self, position_ids, cuda: bool):
         super().__init__(position_ids)
@@ -189,7 +192,18 @@ class _PlanContext(SequenceContext):
     def softmax_attention(self, q, k, v, *, window=None, sink_k=None, sink_v=None, scale=None):
         if not self.cuda:
             return super().softmax_attention(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v, scale=scale)
-        return attention_sdpa(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v, scale=scale)
+        if sink_k is not None:
+            b = q.shape[0]
+            k, v = (torch.cat([s.unsqueeze(0).expand(b, -1, -1, -1).to(x.dtype), x], dim=1)
+                    for s, x in ((sink_k, k), (sink_v, v)))
+        out = _fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                               scale=scale)
+        return out.transpose(1, 2)
+
+    def linear_attention(self, q, k, v, g, *, scale=None):
+        if not self.cuda:
+            return super().linear_attention(q, k, v, g, scale=scale)
+        return chunk_gla_triton(q, k, v, g, scale=scale, cu_seqlens=self.cu_seqlens)[0]
 
 
 class _BalancedDispatcher(LocalDispatcher):
@@ -318,7 +332,7 @@ def trace(model: nn.Module, setup: Setup, b: int, t: int, layer: int | None, rec
             del ctx
             end_fwd = live.mark()
             loss.backward()
-        for cast in getattr(emulation, "casts", {}).values():
+        for _, cast in getattr(emulation, "casts", {}).values():
             live.exclude(cast)
     finally:
         model.layers = layers

@@ -27,6 +27,13 @@ def _new(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args). On the meta device (the memory planner replays a CUDA step there) the
+    buffers alone are the point, and nothing runs."""
+    if args[0].device.type != "meta":
+        kernel[grid](*args, **kwargs)
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
              initial_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> bool:
     """Whether `chunk_gla_triton` runs these inputs (device, dtypes, head sizes, group size,
@@ -100,12 +107,12 @@ def _recompute(q, k, v, g, h0, cu, tab, doc_off, m):
     NC, N = tab.shape[0], cu.numel() - 1
     Hkv, K, V = m["HKV"], m["K"], m["V"]
     gc = _new((NC, Hkv, BT, K), q, torch.float32)
-    fwd.cumsum_kernel[(NC, Hkv)](g, gc, tab, HKV=Hkv, K=K, BT=BT)
+    _launch(fwd.cumsum_kernel, (NC, Hkv), g, gc, tab, HKV=Hkv, K=K, BT=BT)
     hs = _new((NC, Hkv, K, V), q, q.dtype)
     ht = _new((N, Hkv, K, V), q, torch.float32)
     blocks = _state_blocks(K, V)
     grid = (K // blocks["BK"] * (V // blocks["BV"]), Hkv, N)
-    fwd.fwd_state_kernel[grid](k, v, gc, h0 if h0 is not None else ht, hs, ht, cu, doc_off,
+    _launch(fwd.fwd_state_kernel, grid, k, v, gc, h0 if h0 is not None else ht, hs, ht, cu, doc_off,
                                HKV=Hkv, K=K, V=V, BT=BT, HAS_H0=h0 is not None, PREC=m["PREC"], **blocks)
     return gc, hs, ht
 
@@ -119,7 +126,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         gc, hs, ht = _recompute(q, k, v, g, h0, cu, tab, doc_off, m)
         o = _new(q.shape[:3] + (m["V"],), q, q.dtype)
         scratch = _new(q.shape[:3] + (BC,), q, q.dtype)
-        fwd.fwd_o_kernel[(tab.shape[0], m["HKV"])](q, k, v, g, gc, hs, o, scratch, tab, scale,
+        _launch(fwd.fwd_o_kernel, (tab.shape[0], m["HKV"]), q, k, v, g, gc, hs, o, scratch, tab, scale,
                                                      BK=min(m["K"], FWD_BK), GPP=max(16, m["GP"]), **m)
         ctx.save_for_backward(q, k, v, g, h0, cu, tab, doc_off)
         ctx.scale = scale
@@ -138,20 +145,20 @@ class ChunkGLAFunction(torch.autograd.Function):
                                                                 dtype=q.dtype)
         U = _new((NC, Hkv, K, V), q, torch.float32)
         bk, bv, gpp = min(K, BWD_BK), min(V, BWD_BV), max(16, m["GP"])
-        bwd.local_dstate_kernel[(K // bk, NC, Hkv)](q, gc, do, U, tab, scale, HQ=m["HQ"], HKV=Hkv,
+        _launch(bwd.local_dstate_kernel, (K // bk, NC, Hkv), q, gc, do, U, tab, scale, HQ=m["HQ"], HKV=Hkv,
                                                     G=m["G"], K=K, V=V, BK=bk, BT=BT, BC=BC,
                                                     GP=m["GP"], PREC=m["PREC"])
         dhs = _new((NC, Hkv, K, V), q, q.dtype)
         dh0 = _new((N, Hkv, K, V), q, torch.float32)
         blocks = _state_blocks(K, V)
         grid = (K // blocks["BK"] * (V // blocks["BV"]), Hkv, N)
-        bwd.bwd_state_kernel[grid](gc, U, dht.contiguous() if dht is not None else dh0, dhs, dh0,
+        _launch(bwd.bwd_state_kernel, grid, gc, U, dht.contiguous() if dht is not None else dh0, dhs, dh0,
                                    doc_off, HKV=Hkv, K=K, V=V, BT=BT, HAS_DHT=dht is not None, **blocks)
         dq, dk, dv, dg = (_new(x.shape, x, x.dtype) for x in (q, k, v, g))
-        bwd.dv_kernel[(V // bv, NC, Hkv)](q, k, g, gc, do, dhs, dv, tab, scale, BK=bk, BV=bv,
+        _launch(bwd.dv_kernel, (V // bv, NC, Hkv), q, k, g, gc, do, dhs, dv, tab, scale, BK=bk, BV=bv,
                                            GPP=gpp, **m)
         scratch = _new((K // bk,) + q.shape[:3] + (BC,), q, torch.float32)
-        bwd.dqkg_kernel[(K // bk, NC, Hkv)](q, k, v, g, gc, hs, ht, do, dhs, dq, dk, dg, scratch,
+        _launch(bwd.dqkg_kernel, (K // bk, NC, Hkv), q, k, v, g, gc, hs, ht, do, dhs, dq, dk, dg, scratch,
                                             scratch[0].numel(), tab, scale, BK=bk, GPP=gpp, **m)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return dq, dk, dv, dg, dh0, None, None, None, None
