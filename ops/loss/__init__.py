@@ -6,8 +6,8 @@ vocabulary the fp32 logits alone are 20 GB. Here the tokens go through in chunks
 logits live only while its loss and its gradient pieces are computed, all in the forward
 (softmax - onehot, then the chunk's rows of d h and its share of d W, accumulated in fp32). The
 loss is a sum, so its gradient is linear in grad_output: the backward only scales what the
-forward kept. Memory beyond the inputs: one chunk's logits (an fp32 buffer plus one copy in the
-compute dtype), d h [N, D] in h's dtype and d W [V, D] in fp32 (each only when that input needs
+forward kept. Memory beyond the inputs: one chunk's logits (an fp32 log-softmax buffer plus the
+logits in the compute dtype), d h [N, D] in h's dtype and d W [V, D] in fp32 (each only when that input needs
 a gradient), and while the forward runs the weight in the compute dtype (when it differs) and
 one chunk's [V, D] share of d W. No weight is saved for the backward.
 
@@ -46,24 +46,25 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _chunk(hc, w, y, ignore_index: int, grad_h, grad_w) -> torch.Tensor:
     """One chunk: hc [C, D] and w [V, D] in the compute dtype, y [C] -> its summed loss (fp32
     0-dim). Writes d loss / d hc into grad_h [C, D] and adds d loss / d w into grad_w [V, D]
-    (fp32) where they are given. Its [C, V] temporaries are freed when it returns."""
-    valid = (y != ignore_index).unsqueeze(1)  # [C, 1]
-    safe = torch.where(valid, y.unsqueeze(1), 0)  # gather-safe [C, 1]
-    logits = F.linear(hc, w).float()  # [C, V]; the compute-dtype product is freed here
-    target_logit = logits.gather(1, safe)
-    row_max = logits.amax(1, keepdim=True)
-    probs = logits.sub_(row_max).exp_()  # in place: one fp32 [C, V] buffer for the chunk
-    total = probs.sum(1, keepdim=True)
-    loss = torch.where(valid, total.log() + row_max - target_logit, 0.0).sum()
+    (fp32) where they are given. Its [C, V] temporaries are freed when it returns.
+
+    The [C, V] work is three passes: the fp32 log-softmax read straight from the compute-dtype
+    logits, its exp in place (softmax), the rounding to the compute dtype. Ignored rows are
+    zeroed on the [C, D] side (their rows of d hc, and of hc for d w) instead of on [C, V]."""
+    valid = y != ignore_index  # [C]
+    safe = torch.where(valid, y, 0).unsqueeze(1)  # gather-safe [C, 1]
+    logp = torch.log_softmax(F.linear(hc, w), dim=1, dtype=torch.float32)  # [C, V]
+    loss = -(logp.gather(1, safe).squeeze(1) * valid).sum()
     if grad_h is None and grad_w is None:
         return loss
-    # softmax - onehot, zero on ignored rows, rounded to the compute dtype
-    grad = probs.div_(total).scatter_add_(1, safe, -valid.float()).masked_fill_(~valid, 0.0).to(hc.dtype)
-    del logits, probs  # under autocast the fp32 buffer goes before the two matmuls
+    # softmax - onehot, rounded to the compute dtype (as autograd does through `.float()`)
+    grad = logp.exp_().scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=logp.dtype)).to(hc.dtype)
+    del logp  # the fp32 buffer goes before the two matmuls
+    keep = valid.unsqueeze(1).to(hc.dtype)
     if grad_h is not None:
-        grad_h.copy_(grad @ w)
+        grad_h.copy_((grad @ w) * keep)
     if grad_w is not None:  # each chunk's product in the compute dtype, their sum in fp32
-        grad_w += grad.t() @ hc
+        grad_w += grad.t() @ (hc * keep)
     return loss
 
 
