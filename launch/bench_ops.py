@@ -1,11 +1,11 @@
 """Op speed on CUDA, every implementation side by side in one run.
 
     python launch/bench.py op --ops gla attention loss --out op.json
-    python launch/bench.py op --ops gla --gla-shapes 4x8192 1x32768 --reference
+    python launch/bench.py op --ops gla --gla-shapes 4x8192 1x32768 --gla-backends triton fla reference
 
 - gla: `ops.gla.chunk_gla` fwd+bwd at SpikingBrain-7B head shapes (28 query / 4 KV heads, K = V =
   128, bf16 q/k/v, fp32 log-decay as the model makes it): the project's Triton kernel, fla-core's
-  `chunk_gla` with k/v/g expanded per query head (the peer), the reference with --reference;
+  `chunk_gla` with k/v/g expanded per query head (the peer), the reference on request;
   dense batches and packed documents.
 - attention: `ops.attention.attention` fwd+bwd, GQA 28/4, head dim 128, bf16: sliding window 4096,
   full causal and the 76B sink variant (128 sinks), packed documents, for each backend.
@@ -81,7 +81,7 @@ def gla_flops(lengths: list[int], chunk: int = 64) -> float:
     return count(lengths, HQ, HKV, D, D, chunk=chunk)
 
 
-def bench_gla(shapes, median, reference: bool) -> list[dict]:
+def bench_gla(shapes, median, backends) -> list[dict]:
     from ops.gla import chunk_gla
 
     rows = []
@@ -98,7 +98,6 @@ def bench_gla(shapes, median, reference: bool) -> list[dict]:
         g = (F.logsigmoid(r(b, t, HKV, D)) / 16).requires_grad_()
         cu = cu_seqlens_of(lengths, "cuda") if lengths else None
         flops = gla_flops(lengths or [t] * b)
-        backends = ["triton", "fla"] + (["reference"] if reference else [])
         for backend in backends:
             fn = lambda q, k, v, g, backend=backend: chunk_gla(q, k, v, g, cu_seqlens=cu, backend=backend)
             rows.append(measure("gla", name, backend, fwd_bwd(fn, [q, k, v, g]), flops))
@@ -109,7 +108,7 @@ def bench_gla(shapes, median, reference: bool) -> list[dict]:
 
 
 # -- attention -----------------------------------------------------------------------------------
-def bench_attention(lengths_list, window: int, sinks: int) -> list[dict]:
+def bench_attention(lengths_list, window: int, sinks: int, backends) -> list[dict]:
     from model.flops import attention_pairs
     from ops.attention import attention
 
@@ -128,7 +127,7 @@ def bench_attention(lengths_list, window: int, sinks: int) -> list[dict]:
             pairs = attention_pairs(lengths, w, s)
             flops = 3 * 4 * D * HQ * pairs
             leaves = [q, k, v] + ([sk, sv] if s else [])
-            for backend in ("flex", "varlen", "sdpa"):
+            for backend in backends:
                 if backend == "sdpa" and t > 32768:
                     continue  # its dense [T, T] mask alone exceeds the GPU
                 fn = lambda q, k, v, *sink, w=w, backend=backend: attention(
@@ -176,7 +175,10 @@ def main() -> None:
     ap.add_argument("--gla-shapes", nargs="+", type=parse_shape, default=[(4, 8192), (1, 32768)],
                     help="BxT (default 4x8192 1x32768)")
     ap.add_argument("--median", type=int, default=1024, help="median document length of packed cases")
-    ap.add_argument("--reference", action="store_true", help="also time the pure-PyTorch GLA reference")
+    ap.add_argument("--gla-backends", nargs="+", default=["triton", "fla"], choices=["triton", "fla", "reference"],
+                    help="fla-core autotunes for minutes on its first call: time it in its own run if needed")
+    ap.add_argument("--attn-backends", nargs="+", default=["flex", "varlen", "sdpa"],
+                    choices=["flex", "varlen", "sdpa", "reference"])
     ap.add_argument("--attn-lengths", nargs="+", type=int, default=[8192, 32768])
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--sinks", type=int, default=128)
@@ -186,10 +188,10 @@ def main() -> None:
     require_cuda("op")
     rows = []
     if "gla" in args.ops:
-        rows += bench_gla(args.gla_shapes, args.median, args.reference)
+        rows += bench_gla(args.gla_shapes, args.median, args.gla_backends)
     if "attention" in args.ops:
         cases = [(t, m) for t in args.attn_lengths for m in (0, args.median)]
-        rows += bench_attention(cases, args.window, args.sinks)
+        rows += bench_attention(cases, args.window, args.sinks, args.attn_backends)
     if "loss" in args.ops:
         rows += bench_loss(args.loss_tokens, 3584, 152064)
     print_table(rows, COLUMNS)
