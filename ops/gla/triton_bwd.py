@@ -18,8 +18,8 @@ and share its q and do through the L2 cache.
 import triton
 import triton.language as tl
 
-from .triton_fwd import (CHUNK_SETTINGS, STATE_SETTINGS, autotuned, chunk_info, mm, row_live,
-                         stacked_rows, sub_factor)
+from .triton_fwd import (CHUNK_SETTINGS, STATE_SETTINGS, autotuned, chunk_info, diagonal_row, mm,
+                         row_live, stacked_rows, sub_factor)
 
 
 @triton.jit
@@ -177,10 +177,7 @@ def dv_kernel(q, k, g, gc, do, dhs, dv, tab, scale, HQ: tl.constexpr, HKV: tl.co
             E = tl.zeros([BC, K], dtype=tl.float32)
             dvd = tl.zeros([BC, BV], dtype=tl.float32)
             for i in range(BC):
-                gi = tl.load(g + (s0 + i) * (HKV * K) + kk, mask=row_live(s0 + i, L, K), other=0.0)
-                E = tl.where((rc == i)[:, None], 1.0, E * tl.exp(gi.to(tl.float32))[None, :])
-                qrow = (s0 + i) * HQ + rg
-                head_ok = ((rg < G) & row_live(s0 + i, L, GPP))[:, None]
+                E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kk, rc, rg, HQ, HKV, K, G, K, GPP)
                 qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok, other=0.0)
                 doi = tl.load(do + qrow[:, None] * V + vv[None, :], mask=head_ok, other=0.0)
                 Ai = mm(qi, tl.trans((ka * E).to(dt)), PREC) * scale
@@ -276,10 +273,7 @@ def dqkg_kernel(q, k, v, g, gc, hs, ht, do, dhs, dq, dk, dg, sdA, sdA_block, tab
             E = tl.zeros([BC, BK], dtype=tl.float32)
             dkd = tl.zeros([BC, BK], dtype=tl.float32)
             for i in range(BC):
-                gi = tl.load(g + (s0 + i) * (HKV * K) + kq, mask=row_live(s0 + i, L, BK), other=0.0)
-                E = tl.where((rc == i)[:, None], 1.0, E * tl.exp(gi.to(tl.float32))[None, :])
-                qrow = (s0 + i) * HQ + rg
-                head_ok = ((rg < G) & row_live(s0 + i, L, GPP))[:, None]
+                E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kq, rc, rg, HQ, HKV, K, G, BK, GPP)
                 qi = tl.load(q + qrow[:, None] * K + kq[None, :], mask=head_ok, other=0.0)
                 doi = tl.load(do + qrow[:, None] * V + vv[None, :], mask=head_ok, other=0.0)
                 dAi = mm(doi, tl.trans(va), PREC)

@@ -64,6 +64,19 @@ def row_live(idx, L, n: tl.constexpr):
 
 
 @triton.jit
+def diagonal_row(E, g, s0, i, L, cols, rc, rg, HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr,
+                 G: tl.constexpr, n: tl.constexpr, GPP: tl.constexpr):
+    """Step i of a diagonal sub-chunk block (rows s0 .. s0 + BC of the chunk, channels `cols` [n]):
+    E [BC, n] grown from step i - 1 to E[j] = exp(gc_i - gc_j) for j <= i (1 at j = i; rows past
+    i are overwritten later), and query row i of the group's heads: its rows of a [TT * HQ, .]
+    view [GPP] and their mask [GPP, 1]."""
+    gi = tl.load(g + (s0 + i) * (HKV * K) + cols, mask=row_live(s0 + i, L, n), other=0.0)
+    E = tl.where((rc == i)[:, None], 1.0, E * tl.exp(gi.to(tl.float32))[None, :])
+    qrow = (s0 + i) * HQ + rg
+    return E, qrow, ((rg < G) & row_live(s0 + i, L, GPP))[:, None]
+
+
+@triton.jit
 def stacked_rows(s0: tl.constexpr, L, HQ: tl.constexpr, G: tl.constexpr, BC: tl.constexpr,
                  GP: tl.constexpr):
     """Rows of the sub-chunk starting at chunk row s0 with the group's heads stacked:
@@ -188,13 +201,10 @@ def fwd_o_kernel(q, k, v, g, gc, hs, o, sA, tab, scale, HQ: tl.constexpr, HKV: t
                          other=0.0).to(tl.float32)
             E = tl.zeros([BC, K], dtype=tl.float32)
             for i in range(BC):
-                gi = tl.load(g + (s0 + i) * (HKV * K) + kk, mask=row_live(s0 + i, L, K), other=0.0)
-                E = tl.where((rc == i)[:, None], 1.0, E * tl.exp(gi.to(tl.float32))[None, :])
-                qrow = (s0 + i) * HQ + rg
-                head_ok = (rg < G) & row_live(s0 + i, L, GPP)
-                qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok[:, None], other=0.0)
+                E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kk, rc, rg, HQ, HKV, K, G, K, GPP)
+                qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok, other=0.0)
                 Ai = mm(qi, tl.trans((ka * E).to(dt)), PREC) * scale
-                tl.store(sA + qrow[:, None] * BC + rc[None, :], Ai.to(dt), mask=head_ok[:, None])
+                tl.store(sA + qrow[:, None] * BC + rc[None, :], Ai.to(dt), mask=head_ok)
             tl.debug_barrier()  # the rows just stored are read back by other threads
             row, crow, ok = stacked_rows(s0, L, HQ, G, BC, GP)
             Ad = tl.load(sA + row[:, None] * BC + rc[None, :], mask=ok[:, None], other=0.0)
