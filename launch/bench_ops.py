@@ -9,8 +9,8 @@
   dense batches and packed documents.
 - attention: `ops.attention.attention` fwd+bwd, GQA 28/4, head dim 128, bf16: sliding window 4096,
   full causal and the 76B sink variant (128 sinks), packed documents, for each backend.
-- loss: `ops.loss.linear_cross_entropy` against the plain linear + fp32 cross-entropy, hidden
-  3584, vocabulary 152064.
+- loss: `ops.loss.linear_cross_entropy` against the plain linear + fp32 cross-entropy (the peer)
+  and liger-kernel's fused linear cross-entropy (sum reduction), hidden 3584, vocabulary 152064.
 
 Columns: median ms (fwd+bwd), useful TFLOP/s (`model.flops` conventions: forward + backward = 3x
 forward, only visible query/key pairs), peak GiB above the inputs. A failing backend prints its
@@ -161,7 +161,13 @@ def bench_loss(tokens_list, hidden: int, vocab: int) -> list[dict]:
                 logits = F.linear(h, w)
             return F.cross_entropy(logits.float(), y, reduction="sum")
 
-        for backend, fn in (("chunked", fused), ("plain", plain)):
+        def liger(h, w):  # imported here: without liger-kernel the row reports the ImportError
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+            with torch.autocast("cuda", torch.bfloat16):
+                out = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")(w, h, y)
+            return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+
+        for backend, fn in (("chunked", fused), ("plain", plain), ("liger", liger)):
             rows.append(measure("loss", f"{n} x {vocab}", backend, fwd_bwd(fn, [h, w]), flops))
         del h, w
         torch.cuda.empty_cache()

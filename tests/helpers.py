@@ -69,3 +69,18 @@ def stop_after(trainer, step: int) -> None:
             trainer.request_stop("test stop")
         return out
     trainer.train_step = stopping_step
+
+
+def run_triton_script(script: str, device: str, timeout: int) -> None:
+    """Runs `script` in a fresh Python (under the Triton interpreter when device is "cpu", which
+    must be set before triton is imported) and asserts it exited cleanly printing "CASES OK"."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0 and "CASES OK" in proc.stdout, proc.stdout + proc.stderr

@@ -6,16 +6,28 @@ vocabulary the fp32 logits alone are 20 GB. Here the tokens go through in chunks
 logits live only while its loss and its gradient pieces are computed, all in the forward
 (softmax - onehot, then the chunk's rows of d h and its share of d W, accumulated in fp32). The
 loss is a sum, so its gradient is linear in grad_output: the backward only scales what the
-forward kept. Memory beyond the inputs: one chunk's logits (an fp32 log-softmax buffer plus the
-logits in the compute dtype), d h [N, D] in h's dtype and d W [V, D] in fp32 (each only when that input needs
-a gradient), and while the forward runs the weight in the compute dtype (when it differs) and
-one chunk's [V, D] share of d W. No weight is saved for the backward.
+forward kept. No weight is saved for the backward.
 
-Numerics follow the plain path: logits in the compute dtype (autocast's when autocast is on for
-the device, else the inputs'), log-softmax in fp32, the fp32 logit gradient rounded to the
-compute dtype before its two matmuls (as autograd does through `.float()`).
+On CUDA (fp32, bf16, fp16; on meta inside `meta_as_cuda`, where the memory planner replays a
+CUDA step, the same buffers without launches) a chunk's logits go through a Triton kernel
+(`triton_ce`) in two passes, an online log-sum-exp and the write of softmax - onehot over the
+logits themselves, and its share of d W is added by one addmm with an fp32 output (16-bit
+inputs, where this torch has that overload). Elsewhere, and without triton, the chunk is
+PyTorch: an fp32 log-softmax, its exp in place, the rounding to the compute dtype, and each
+chunk's [V, D] product made and then added.
+Memory beyond the inputs: one chunk's logits in the compute dtype (plus, off CUDA, an fp32
+log-softmax buffer of the same shape), d h [N, D] in h's dtype and d W [V, D] in fp32 (each only
+when that input needs a gradient), and while the forward runs the weight in the compute dtype
+(when it differs) and, off the addmm path, one chunk's [V, D] share of d W.
+
+Numerics follow the plain path on both: logits in the compute dtype (autocast's when autocast is
+on for the device, else the inputs'), read in fp32 for an fp32 log-sum-exp, the fp32 logit
+gradient rounded once to the compute dtype before its two matmuls (as autograd does through
+`.float()`).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +35,16 @@ from torch.autograd.function import once_differentiable
 
 from .reference import linear_cross_entropy_reference
 
-__all__ = ["default_chunk_tokens", "linear_cross_entropy", "linear_cross_entropy_reference"]
+try:
+    from . import triton_ce
+except ImportError:  # no triton on this machine: every device takes the PyTorch chunk
+    triton_ce = None
+
+__all__ = ["default_chunk_tokens", "linear_cross_entropy", "linear_cross_entropy_reference", "meta_as_cuda"]
 
 CHUNK_LOGIT_BYTES = 2 ** 30  # a chunk's fp32 logits by default (1664 tokens at V = 152064)
+_META_AS_CUDA = False  # set by `meta_as_cuda`
+_NO_ADDMM_FP32_OUT: set[str] = set()  # device types where addmm(out_dtype=float32) was refused
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
@@ -43,28 +62,82 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
+def _as_cuda(t: torch.Tensor) -> bool:
+    """Whether t takes the CUDA path: on CUDA, or on meta inside `meta_as_cuda`."""
+    return t.is_cuda or (t.device.type == "meta" and _META_AS_CUDA)
+
+
+def _fused(t: torch.Tensor) -> bool:
+    """Whether a chunk whose inputs are like t makes its [C, V] work the Triton logit gradient:
+    on the CUDA path (and on CPU tensors under the Triton interpreter), for its dtypes."""
+    if triton_ce is None or t.dtype not in triton_ce.DTYPES:
+        return False
+    return _as_cuda(t) or (t.device.type == "cpu" and triton_ce.INTERPRET)
+
+
+@contextlib.contextmanager
+def meta_as_cuda():
+    """Meta tensors take the CUDA path inside: the fused logit gradient (allocating its buffers,
+    launching nothing) and the fp32-output addmm. How the memory planner
+    (parallel/plan_trace.py) replays a CUDA step on the meta device."""
+    global _META_AS_CUDA
+    before, _META_AS_CUDA = _META_AS_CUDA, True
+    try:
+        yield
+    finally:
+        _META_AS_CUDA = before
+
+
+def _add_head_grad(grad_w: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
+    """grad_w [V, D] (fp32) += grad^T @ x, grad [C, V] and x [C, D] in the compute dtype. On the
+    CUDA path with 16-bit inputs one addmm with an fp32 output accumulates in place; elsewhere
+    (or where this torch lacks that overload) each chunk's [V, D] product is made in the compute
+    dtype and added."""
+    kind = grad.device.type
+    if grad.dtype in (torch.bfloat16, torch.float16) and _as_cuda(grad) and kind not in _NO_ADDMM_FP32_OUT:
+        try:
+            torch.addmm(grad_w, grad.t(), x.to(grad.dtype), out_dtype=torch.float32, out=grad_w)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # no out_dtype overload (or not for this device): as below
+            _NO_ADDMM_FP32_OUT.add(kind)
+    grad_w += grad.t() @ x
+
+
 def _chunk(hc, w, y, ignore_index: int, grad_h, grad_w) -> torch.Tensor:
     """One chunk: hc [C, D] and w [V, D] in the compute dtype, y [C] -> its summed loss (fp32
     0-dim). Writes d loss / d hc into grad_h [C, D] and adds d loss / d w into grad_w [V, D]
     (fp32) where they are given. Its [C, V] temporaries are freed when it returns.
 
-    The [C, V] work is three passes: the fp32 log-softmax read straight from the compute-dtype
-    logits, its exp in place (softmax), the rounding to the compute dtype. Ignored rows are
-    zeroed on the [C, D] side (their rows of d hc, and of hc for d w) instead of on [C, V]."""
-    valid = y != ignore_index  # [C]
-    safe = torch.where(valid, y, 0).unsqueeze(1)  # gather-safe [C, 1]
-    logp = torch.log_softmax(F.linear(hc, w), dim=1, dtype=torch.float32)  # [C, V]
-    loss = -(logp.gather(1, safe).squeeze(1) * valid).sum()
-    if grad_h is None and grad_w is None:
-        return loss
-    # softmax - onehot, rounded to the compute dtype (as autograd does through `.float()`)
-    grad = logp.exp_().scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=logp.dtype)).to(hc.dtype)
-    del logp  # the fp32 buffer goes before the two matmuls
-    keep = valid.unsqueeze(1).to(hc.dtype)
+    Where `_fused` says so, the [C, V] work after the matmul is the Triton kernel
+    (`triton_ce.logit_grad_`): two passes over the logits, which it overwrites with their
+    gradient (ignored rows zero); no fp32 [C, V] buffer. Elsewhere it is three passes: the fp32
+    log-softmax read straight from the compute-dtype logits, its exp in place (softmax), the
+    rounding to the compute dtype; ignored rows are zeroed on the [C, D] side (their rows of
+    d hc, and of hc for d w) instead of on [C, V]."""
+    if _fused(hc):
+        logits = F.linear(hc, w)  # [C, V]
+        loss = triton_ce.logit_grad_(logits, y, ignore_index)
+        if grad_h is None and grad_w is None:
+            return loss
+        grad, keep = logits, None  # softmax - onehot in the compute dtype, ignored rows 0
+        del logits
+    else:
+        valid = y != ignore_index  # [C]
+        safe = torch.where(valid, y, 0).unsqueeze(1)  # gather-safe [C, 1]
+        logp = torch.log_softmax(F.linear(hc, w), dim=1, dtype=torch.float32)  # [C, V]
+        loss = -(logp.gather(1, safe).squeeze(1) * valid).sum()
+        if grad_h is None and grad_w is None:
+            return loss
+        # softmax - onehot, rounded to the compute dtype (as autograd does through `.float()`)
+        grad = logp.exp_().scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=logp.dtype)).to(hc.dtype)
+        del logp  # the fp32 buffer goes before the two matmuls
+        keep = valid.unsqueeze(1).to(hc.dtype)
     if grad_h is not None:
-        grad_h.copy_((grad @ w) * keep)
-    if grad_w is not None:  # each chunk's product in the compute dtype, their sum in fp32
-        grad_w += grad.t() @ (hc * keep)
+        grad_h.copy_(grad @ w if keep is None else (grad @ w) * keep)
+    if grad_w is not None:
+        _add_head_grad(grad_w, grad, hc if keep is None else hc * keep)
     return loss
 
 

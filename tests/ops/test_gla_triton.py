@@ -4,9 +4,6 @@ The kernels run on CPU under TRITON_INTERPRET=1 in one subprocess (the interpret
 before triton is imported), on CUDA when present, with every buffer pre-filled with NaN so an
 element a kernel misses fails the test.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,8 +11,8 @@ import torch
 
 from ops.gla import chunk_gla
 from ops.gla import triton_chunk as tc
+from tests.helpers import run_triton_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CASES = textwrap.dedent("""
     import torch
@@ -111,14 +108,7 @@ GPU_CASES = """
 
 
 def _run_cases(device: str, cases: str, timeout: int):
-    script = CASES.format(device=device, cases=textwrap.dedent(cases).strip())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = ROOT
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0 and "CASES OK" in proc.stdout, proc.stdout + proc.stderr
+    run_triton_script(CASES.format(device=device, cases=textwrap.dedent(cases).strip()), device, timeout)
 
 
 def _interpreter_runs_loops() -> bool:
