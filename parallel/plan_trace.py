@@ -2,8 +2,9 @@
 it runs forward and backward, measured on the meta device at the real shape.
 
 `LiveBytes` follows every storage an op allocates until it is freed; `_CudaEmulation` replays on
-meta tensors what a CUDA step changes (autocast's casts, the fused attention and GLA kernels); `trace` runs one
-piece under both and returns its `Piece`. `parallel/plan.py` composes the pieces into a step.
+meta tensors what a CUDA step changes (autocast's casts, the fused attention and GLA kernels), and
+`ops.loss.meta_as_cuda` sends the loss down its CUDA path (the Triton logit gradient); `trace`
+runs one piece under them and returns its `Piece`. `parallel/plan.py` composes the pieces into a step.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from model.context import SequenceContext
 from model.moe import LocalDispatcher
 from ops.gla.triton_chunk import chunk_gla_triton
+from ops.loss import meta_as_cuda
 from .recompute import apply_recompute
 
 
@@ -115,14 +117,31 @@ _FP32_DTYPE = frozenset({"sum", "prod", "cumsum", "cumprod", "softmax", "log_sof
 _HALF = (torch.float16, torch.bfloat16)
 
 
+class _LogSigmoidCuda(torch.autograd.Function):
+    """F.logsigmoid as CUDA runs it, in bytes: its backward keeps the input alone (the CPU and meta
+    kernels also keep a buffer of the input's size, which CUDA returns empty: the GLA gate's
+    [T, kv_dim] fp32 per layer). Meta tensors only; the values are not computed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0])
+
+
 class _CudaEmulation(TorchFunctionMode):
     """What a CUDA step changes about the tensors it keeps, replayed on meta tensors.
 
     autocast (`dtype` set) as torch.autocast("cuda") casts: floating inputs of _LOW_PRECISION ops to
-    `dtype`, 16-bit inputs of _FP32 ops to float32, _FP32_DTYPE ops on 16-bit inputs given
-    dtype=float32; leaf weights are cast once and kept (`casts`, counted as gathered weights).
+    `dtype` (not of a call with out= or out_dtype=, which autocast leaves alone), 16-bit inputs of
+    _FP32 ops to float32, _FP32_DTYPE ops on 16-bit inputs given dtype=float32; leaf weights are
+    cast once and kept (`casts`, counted as gathered weights).
     Like autocast this runs above autograd, so autograd saves the cast copies, as on CUDA.
-    scaled_dot_product_attention runs the fused kernel CUDA would pick (`_fused_attention`).
+    scaled_dot_product_attention runs the fused kernel CUDA would pick (`_fused_attention`), and
+    logsigmoid keeps what CUDA keeps (`_LogSigmoidCuda`).
     """
 
     def __init__(self, dtype: torch.dtype | None):
@@ -133,7 +152,7 @@ class _CudaEmulation(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         name = getattr(func, "__name__", None)
-        if self.dtype is not None and name in _LOW_PRECISION:
+        if self.dtype is not None and name in _LOW_PRECISION and not {"out", "out_dtype"} & kwargs.keys():
             args, kwargs = tree_map(self._cast, (args, kwargs))
         elif self.dtype is not None and name in _FP32:
             args, kwargs = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t,
@@ -143,6 +162,8 @@ class _CudaEmulation(TorchFunctionMode):
             kwargs["dtype"] = torch.float32
         if name == "scaled_dot_product_attention":
             return _fused_attention(*args, **kwargs)
+        if name == "log_sigmoid":
+            return _LogSigmoidCuda.apply(*args, **kwargs)
         return func(*args, **kwargs)
 
     def _cast(self, t):
@@ -277,15 +298,15 @@ def trace(model: nn.Module, setup: Setup, b: int, t: int, layer: int | None, rec
     and backward on inputs [b, t] and reads the bytes off `LiveBytes`. The model lives on the meta
     device when planning, on a real one when tests compare."""
     cfg, device = model.cfg, model.embeddings.weight.device
-    live, emulation = LiveBytes(), contextlib.nullcontext()
+    live, emulation, loss_path = LiveBytes(), contextlib.nullcontext(), contextlib.nullcontext
     if setup.cuda and device.type == "meta":
-        emulation = _CudaEmulation(setup.autocast)
+        emulation, loss_path = _CudaEmulation(setup.autocast), meta_as_cuda
     elif setup.autocast is not None:  # real tensors (tests): the real autocast
         emulation = torch.autocast(device.type, dtype=setup.autocast)
 
     def emulate(fn):  # a checkpoint recomputes the emulated forward during backward
         def run(*args, **kwargs):
-            with emulation:
+            with emulation, loss_path():
                 return fn(*args, **kwargs)
         return run
 
