@@ -15,6 +15,7 @@ earlier sub-chunks b < a are matched through the reference r_a = gc at the row b
 exp(gc_i - gc_j), j <= i, is built as a running product of exp(g) row by row (E below), which is
 exact to a few ulps, never overflows, and costs one exp per row and channel instead of one per pair.
 """
+import inspect
 import os
 
 import triton
@@ -27,12 +28,14 @@ BC = 16  # rows per sub-chunk (the smallest tl.dot side)
 
 
 def autotuned(settings, key):
-    """Autotune over (num_warps, num_stages) pairs on a GPU; the interpreter launches plainly."""
+    """Autotune over (num_warps, num_stages) pairs on a GPU, the choice kept in triton's disk cache
+    (where this triton can) so later processes skip it; the interpreter launches plainly."""
     def wrap(fn):
         if INTERPRET:
             return fn
         configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in settings]
-        return triton.autotune(configs=configs, key=key)(fn)
+        extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        return triton.autotune(configs=configs, key=key, **extra)(fn)
     return wrap
 
 
