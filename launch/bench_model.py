@@ -7,7 +7,8 @@
 
 `model`: one optimizer step per iteration on one sequence of each length (`--median M` packs
 log-normal documents of median M tokens, as the launcher's packing does), with
-`--recompute none|full|selective`; `--hf` also times Hugging Face `Qwen2ForCausalLM` built from the
+`--recompute none|full|selective` and `--compile none|regions` (`train.compile`; the first
+step's extra time, compilation included, is the `first s` column); `--hf` also times Hugging Face `Qwen2ForCausalLM` built from the
 same config (Qwen models, one document: its SDPA path has no document masking).
 `layer`: forward+backward of the first block of each distinct (mixer, FFN) kind in the layer plan.
 Columns: median ms, tokens/s, useful TFLOP/s and MFU (`model.flops`, device bf16 peak), peak GiB.
@@ -29,12 +30,24 @@ from pretrain import load_config  # noqa: E402
 
 COLUMNS = [("mode", "mode", "s"), ("system", "system", "s"), ("tokens", "tokens", "d"), ("docs", "docs", "s"),
            ("ms", "ms", ".1f"), ("tokens_per_s", "tok/s", ",.0f"), ("tflops", "TFLOP/s", ".0f"),
-           ("mfu", "MFU", ".3f"), ("peak_gib", "peak GiB", ".1f"), ("error", "error", ".60s")]
+           ("mfu", "MFU", ".3f"), ("peak_gib", "peak GiB", ".1f"), ("first_s", "first s", ".1f"),
+           ("error", "error", ".60s")]
 
 
 def positions_of(lengths: list[int]) -> torch.Tensor:
     """[1, T] positions restarting at 0 at every document."""
     return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+
+def first_call_s(step) -> float:
+    """Seconds of one call (the first, which compiles and autotunes)."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def timed(step, steps: int) -> tuple[float, float]:
@@ -77,9 +90,10 @@ def hf_qwen(cfg):
     return Qwen2ForCausalLM._from_config(hc, attn_implementation="sdpa").cuda()
 
 
-def bench_models(cfg, seqs, median, steps, recompute, hf, peak) -> list[dict]:
+def bench_models(cfg, seqs, median, steps, recompute, hf, peak, compile_mode="none") -> list[dict]:
     from model import build_model
     from model.flops import step_flops
+    from parallel.compile import apply_compile
     from parallel.recompute import apply_recompute
 
     rows = []
@@ -87,18 +101,23 @@ def bench_models(cfg, seqs, median, steps, recompute, hf, peak) -> list[dict]:
     for name, make in systems:
         model = make(cfg) if make else build_model(cfg, device="cuda")
         if not make:
+            apply_compile(model, compile_mode)
             apply_recompute(model.layers, recompute)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         for t in seqs:
             lengths = document_lengths(t, median) if median and not make else [t]
-            row = {"mode": "model", "system": name, "tokens": t,
+            row = {"mode": "model", "system": name + ("" if make or compile_mode == "none" else f", compile {compile_mode}"),
+                   "tokens": t,
                    "docs": f"{len(lengths)} (median {median})" if len(lengths) > 1 else "1"}
             ids = torch.randint(0, cfg.vocab_size, (1, t), device="cuda")
             pos = positions_of(lengths).cuda()
             try:
-                ms_peak = timed(train_step(model, opt, ids, pos, hf=bool(make)), steps)
+                step = train_step(model, opt, ids, pos, hf=bool(make))
+                row["first_s"] = first_call_s(step)
+                ms_peak = timed(step, steps)
                 row["ms"], row["peak_gib"] = ms_peak
                 report(row, t, step_flops(cfg, lengths), peak)
+                row["first_s"] -= row["ms"] / 1e3
             except torch.OutOfMemoryError as e:
                 row["error"] = f"out of memory: {str(e).splitlines()[0]}"
             opt.zero_grad(set_to_none=True)
@@ -155,6 +174,7 @@ def main(mode: str) -> None:
     ap.add_argument("--median", type=int, default=0, help="pack documents of this median length (0: one)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
+    ap.add_argument("--compile", default="none", choices=["none", "regions"], help="train.compile")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face Qwen2ForCausalLM")
     ap.add_argument("--out")
     args, overrides = ap.parse_known_args()
@@ -163,7 +183,7 @@ def main(mode: str) -> None:
     from train.flops import device_peak_flops
     peak = device_peak_flops(torch.device("cuda"))
     if mode == "model":
-        rows = bench_models(cfg, args.seq, args.median, args.steps, args.recompute, args.hf, peak)
+        rows = bench_models(cfg, args.seq, args.median, args.steps, args.recompute, args.hf, peak, args.compile)
     else:
         rows = bench_layers(cfg, args.seq, args.median, peak)
     print()

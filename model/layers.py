@@ -4,6 +4,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ops.norm import rms_norm
+from ops.rope import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +33,14 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryQK(nn.Module):
+    """RoPE on a query and a key tensor: (q [B, T, Hq, D], k [B, T, Hkv, D], cos, sin [B, T, D]) ->
+    (q, k) rotated. Holds no weights; a module so that `train.compile=regions` can compile it."""
+
+    def forward(self, q, k, cos, sin):
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def init_linear(module: nn.Linear, std: float | None = None, xavier_gain: float | None = None):

@@ -1,12 +1,13 @@
 """`parallelize()`: the only place parallel strategies are applied to a plain model.
 
-Order: activation recomputation wraps the blocks, then the data-parallel engine shards the
+Order: regional compilation of the small ops, activation recomputation around the blocks, then the data-parallel engine shards the
 (meta-built) model. Pipeline, expert and sequence parallelism plug in at this same function.
 """
 from __future__ import annotations
 
 import torch
 
+from .compile import apply_compile, resolve
 from .engine import Engine, shard
 from .mesh import Mesh
 from .recompute import apply_recompute
@@ -29,6 +30,7 @@ def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
     if offload and mesh.dp == 1:
         raise ValueError("parallel.offload_optimizer=true needs the sharded engine (data-parallel size > 1, "
                          "started with torchrun); with one rank set parallel.offload_optimizer=false")
+    apply_compile(model, resolve(cfg.train.compile, mesh.device))
     apply_recompute(model.layers, cfg.train.recompute)
     sharded = mesh.dp > 1
     if sharded:

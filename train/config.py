@@ -12,6 +12,7 @@ from model.config import ModelConfig
 from parallel.config import ParallelConfig
 
 RECOMPUTE = ("none", "full", "selective")
+COMPILE = ("auto", "none", "regions")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     resume: str = "auto"           # auto (run_dir/checkpoints/latest if any), never, or a checkpoint path
     max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
     recompute: str = "none"        # activation recomputation: none, full (whole blocks) or selective
+    compile: str = "auto"          # torch.compile of norms, SwiGLU and RoPE: auto (regions on CUDA), none, regions
     check_memory: bool = True      # on CUDA, refuse a run whose planned peak exceeds the GPU's memory
     peak_tflops: float | None = None  # one device's bf16 peak for MFU; None: by CUDA device name (train/flops.py)
 
@@ -55,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"train.recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"train.compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
         if not self.resume:
             raise ValueError('train.resume must be "auto", "never" or a checkpoint path, got ""')
         if self.peak_tflops is not None and not self.peak_tflops > 0:

@@ -13,8 +13,7 @@ outputs are never consumed (each layer has fresh sinks), so they are not compute
 import torch
 from torch import nn
 
-from ops.rope import apply_rope
-from ..layers import RMSNorm, init_linear
+from ..layers import RMSNorm, RotaryQK, init_linear
 from .gla import GLA_INIT_GAIN, add_gate, gla_core, init_gate
 from .projections import add_projections, project_qkv
 
@@ -32,6 +31,7 @@ class ParallelHybrid(nn.Module):
         add_gate(self, cfg)
         self.g_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.s_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.rotary = RotaryQK()
         n = cfg.hybrid.num_sinks
         self.sinks = nn.Parameter(torch.empty(n, cfg.hidden_size)) if n else None
 
@@ -47,8 +47,8 @@ class ParallelHybrid(nn.Module):
             s = self.sinks.to(x.dtype)
             sink_k = self.k_proj(s).view(-1, cfg.num_kv_heads, cfg.head_dim)
             sink_v = self.v_proj(s).view(-1, cfg.num_kv_heads, cfg.head_dim)
-        o_soft = ctx.softmax_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
-                                       window=self.window, sink_k=sink_k, sink_v=sink_v)
+        rq, rk = self.rotary(q, k, cos, sin)
+        o_soft = ctx.softmax_attention(rq, rk, v, window=self.window, sink_k=sink_k, sink_v=sink_v)
         o_soft = self.s_norm(o_soft)
         if self.shared:
             return self.o_proj((o_lin + o_soft).flatten(-2))

@@ -1,7 +1,7 @@
 """Softmax attention mixers: full causal ("full") and sliding-window ("swa"), RoPE, GQA."""
 from torch import nn
 
-from ops.rope import apply_rope
+from ..layers import RotaryQK
 from .projections import add_projections, project_qkv
 
 
@@ -13,11 +13,12 @@ class SoftmaxAttention(nn.Module):
         super().__init__()
         self.cfg, self.window = cfg, window
         add_projections(self, cfg)
+        self.rotary = RotaryQK()
 
     def forward(self, x, ctx):
         q, k, v = project_qkv(self, x, self.cfg)
         cos, sin = ctx.rope(self.cfg.head_dim, self.cfg.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         o = ctx.softmax_attention(q, k, v, window=self.window)
         return self.o_proj(o.flatten(-2))
 

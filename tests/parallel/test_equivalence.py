@@ -74,3 +74,17 @@ def test_the_comparison_can_fail(setup, runs):
     other["train"]["seed"] = 8
     with pytest.raises(AssertionError):
         assert_same(train(other), reference["sb7b-tiny"])
+
+
+def test_compiled_regions_under_zero3_match_one_eager_rank(setup):
+    """train.compile=regions (inductor, also on the CPU) under ZeRO-3 with recomputation on 2
+    ranks gives the one-rank eager run's losses and updates: FSDP2's gathered weights reach the
+    compiled regions as inputs, and recomputation re-runs them."""
+    tmp, data, reference = setup
+    model = "sb76b-tiny"  # MoE (its shared expert is a compiled SwiGLU) + hybrid with sinks
+    s = spec(tmp, data, model, 3, 0, "full", tag="w2-compiled")
+    s["train"]["compile"] = "regions"
+    result = run_ranks(2, "tests.parallel.workers:train_many", [s])[0][0]
+    assert result["stage"] == 3 and result["step"] == 3
+    assert result["compiled"] > 0 and reference[model]["compiled"] == 0  # auto is none on the CPU
+    assert_same(result, reference[model])

@@ -6,6 +6,7 @@ from torch.distributed.tensor import DTensor
 
 from data.config import DataConfig
 from parallel import Mesh, ParallelConfig
+from parallel.compile import compiled_regions
 from tests.helpers import model_config, stop_after
 from train import RunConfig, build
 from train.config import TrainConfig
@@ -42,7 +43,8 @@ def train(spec: dict) -> dict:
     finally:
         trainer.loader.close()
     return {"losses": [r["loss"] for r in rows], "steps": [r["step"] for r in rows], "step": trainer.step,
-            "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, mesh.is_main)}
+            "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, mesh.is_main),
+            "compiled": compiled_regions(trainer.model)}
 
 
 def train_many(specs: list[dict]) -> list[dict]:
