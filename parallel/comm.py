@@ -1,8 +1,9 @@
 """Collectives the framework makes, each on the group it belongs to.
 
 `group=None` means "no group": a world of one (plain `python`), where every collective is the
-identity, so single-process runs take the same code path as torchrun ones. Results are new
-tensors; inputs are never modified.
+identity, so single-process runs take the same code path as torchrun ones (all_gather stacks the
+one tensor to [1, ...]; shift and linear_prefix give zeros: there is no earlier rank). A group of
+size 1 behaves the same. Inputs are never modified; a world of one may return the input itself.
 """
 from __future__ import annotations
 
@@ -37,3 +38,280 @@ def broadcast_object(obj, group=None, src_rank: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, group_src=src_rank, group=group)
     return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-parallel collectives. Ranks are ordered by their group rank; every rank of the group
+# calls each collective (and its backward) with tensors of the same trailing shape and dtype.
+# gloo has every op used here, so none needs a fallback built from others (checked on torch 2.13;
+# reduce_scatter_tensor is there since 2.3, gloo composing it from all_reduce + chunk itself):
+# all_gather / reduce_scatter on flat tensors, uneven all_to_all_single, batch_isend_irecv.
+# ---------------------------------------------------------------------------------------------
+
+# torch 2.13 renamed the tensor collectives (the old names warn); 2.11 has only the old ones.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_scatter_from = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+def _world_of_one(group) -> bool:
+    return group is None or group_size(group) == 1
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[*S] -> [G, *S]: every rank's x in group-rank order (not differentiable)."""
+    # flat buffers: gloo takes only the concatenated layout, and 0-dim x has no dim 0 to stack on
+    out = x.new_empty(group_size(group) * x.numel())
+    _gather_into(out, x.detach().reshape(-1), group=group)
+    return out.view(group_size(group), *x.shape)
+
+
+def _scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """[G, *S] -> [*S]: sum over ranks of x[this rank] (not differentiable)."""
+    out = x.new_empty(x[0].numel())
+    _scatter_from(out, x.detach().reshape(-1), group=group)
+    return out.view(x.shape[1:])
+
+
+def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    """[sum(send_splits), *S] -> [sum(recv_splits), *S] (not differentiable)."""
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.detach().contiguous(), output_split_sizes=recv_splits,
+                           input_split_sizes=send_splits, group=group)
+    return out
+
+
+def _p2p(sends: list, recvs: list, group) -> None:
+    """Sends (tensor, group rank) and receives into (tensor, group rank) pairs as one batch, so
+    the order in which neighbours post them cannot deadlock. Under NCCL a rank with nothing to do
+    skips the call, which is only allowed once the group has run a collective."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _shift(x: torch.Tensor, offset: int, group) -> torch.Tensor:
+    """What rank r - offset holds (zeros where it does not exist); x goes to rank r + offset."""
+    size, rank = group_size(group), _rank(group)
+    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    sends = [(x.detach(), rank + offset)] if 0 <= rank + offset < size else []
+    recvs = [(out, rank - offset)] if 0 <= rank - offset < size else []
+    _p2p(sends, recvs, group)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    """x [*S] -> [G, *S]; backward: grad [G, *S] -> sum over ranks of grad[this rank] [*S]."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """x [G, *S] -> sum over ranks of x[this rank] [*S]; backward: all_gather of grad [G, *S]."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """x [sum(send_splits), *S] -> [sum(recv_splits), *S]; backward: the same exchange of the
+    gradient with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        return _exchange(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        return _exchange(grad, recv_splits, send_splits, ctx.group), None, None, None
+
+
+class _Shift(torch.autograd.Function):
+    """x [*S] -> rank r - offset's x [*S] (zeros on ranks with no such rank); backward: the
+    gradient shifted by -offset (what each rank received goes back to its sender)."""
+
+    @staticmethod
+    def forward(ctx, x, offset, group):
+        ctx.offset, ctx.group = offset, group
+        return _shift(x, offset, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _shift(grad, -ctx.offset, ctx.group), None, None
+
+
+class _RingPrefix(torch.autograd.Function):
+    """ZeCO-style all-scan. s [*S] float32, d [*D] float32 broadcastable to S -> h_r [*S].
+
+    Forward, G-1 hops from the first rank to the last: rank r receives h_r from r-1 (h_0 = 0) and
+    sends d_r * h_r + s_r to r+1. Backward, from the last rank to the first: rank r receives
+    gh_{r+1}, the full gradient of the state it sent (zero on the last rank), and sends
+    gh_r = grad h_r + d_r * gh_{r+1} to r-1; grad s_r = gh_{r+1}, grad d_r = gh_{r+1} * h_r
+    summed over d's broadcast dims."""
+
+    @staticmethod
+    def forward(ctx, s, d, group):
+        size, rank = group_size(group), _rank(group)
+        h = torch.zeros_like(s, memory_format=torch.contiguous_format)
+        if rank > 0:
+            dist.recv(h, dist.get_global_rank(group, rank - 1), group=group)
+        if rank < size - 1:
+            dist.send((d * h + s).contiguous(), dist.get_global_rank(group, rank + 1), group=group)
+        ctx.save_for_backward(h, d)
+        ctx.group = group
+        return h.clone()  # the saved h stays intact if the caller edits the result in place
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        h, d = ctx.saved_tensors
+        group = ctx.group
+        size, rank = group_size(group), _rank(group)
+        g_next = torch.zeros_like(h)
+        if rank < size - 1:
+            dist.recv(g_next, dist.get_global_rank(group, rank + 1), group=group)
+        if rank > 0:
+            dist.send((grad_h + d * g_next).contiguous(), dist.get_global_rank(group, rank - 1), group=group)
+        return g_next, (g_next * h).sum_to_size(d.shape), None
+
+
+def _splits(name: str, splits, size: int) -> list[int]:
+    splits = [int(n) for n in splits]
+    if len(splits) != size:
+        raise ValueError(f"all_to_all: {name} has {len(splits)} entries; the group has {size} ranks")
+    if any(n < 0 for n in splits):
+        raise ValueError(f"all_to_all: {name} must be >= 0, got {splits}")
+    return splits
+
+
+def all_gather(x: torch.Tensor, *, group=None) -> torch.Tensor:
+    """x [*S] -> [G, *S]: every rank's x stacked in group-rank order. Differentiable: the gradient
+    of x is the sum over ranks of their grad[this rank] (a reduce-scatter)."""
+    if _world_of_one(group):
+        return x.unsqueeze(0)
+    return _AllGather.apply(x, group)
+
+
+def reduce_scatter(x: torch.Tensor, *, group=None) -> torch.Tensor:
+    """x [G, *S] -> [*S]: the sum over ranks of x[this rank]. Differentiable (backward: all_gather
+    of the gradient)."""
+    size = group_size(group)
+    if x.dim() == 0 or x.shape[0] != size:
+        raise ValueError(f"reduce_scatter: x of shape {tuple(x.shape)} needs x.shape[0] = {size}, the group size")
+    if size == 1:
+        return x[0]
+    return _ReduceScatter.apply(x, group)
+
+
+def all_to_all(x: torch.Tensor, *, send_splits=None, recv_splits=None, group=None) -> torch.Tensor:
+    """x [N, *S] split along dim 0 into `send_splits` pieces (G ints summing to N; None = N / G
+    each); piece i goes to rank i. Returns [M, *S]: the pieces received, concatenated in rank
+    order (M = sum(recv_splits)). recv_splits None: even pieces of N / G rows when send_splits is
+    None (every rank then holds N rows); otherwise the counts are exchanged first (pass
+    send_splits on every rank or on none). Differentiable (backward: the splits swapped)."""
+    size = group_size(group)
+    if x.dim() == 0:
+        raise ValueError("all_to_all: x must have a dim 0 to split, got a 0-dim tensor")
+    if send_splits is None:
+        if x.shape[0] % size:
+            raise ValueError(f"all_to_all: x.shape[0] = {x.shape[0]} is not divisible by the group size "
+                             f"{size}; pass send_splits")
+        send = [x.shape[0] // size] * size
+    else:
+        send = _splits("send_splits", send_splits, size)
+        if sum(send) != x.shape[0]:
+            raise ValueError(f"all_to_all: send_splits {send} sum to {sum(send)}, but x.shape[0] = {x.shape[0]}")
+    recv = None if recv_splits is None else _splits("recv_splits", recv_splits, size)
+    if size == 1:
+        if recv is not None and recv != send:
+            raise ValueError(f"all_to_all: in a world of one recv_splits {recv} must equal send_splits {send}")
+        return x
+    if recv is None:
+        if send_splits is None:
+            recv = send
+        else:
+            recv = _exchange(torch.tensor(send, device=x.device), [1] * size, [1] * size, group).tolist()
+    return _AllToAll.apply(x, send, recv, group)
+
+
+def shift(x: torch.Tensor, *, offset: int = 1, group=None) -> torch.Tensor:
+    """x [*S] -> [*S]: rank r sends x to rank r + offset and returns what rank r - offset sent;
+    zeros where that rank does not exist (so zeros everywhere in a world of one, or when
+    |offset| >= G). Differentiable (backward: the gradient shifted by -offset)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset == 0:
+        raise ValueError(f"shift: offset must be a nonzero int, got {offset!r}")
+    if _world_of_one(group) or abs(offset) >= group_size(group):
+        return torch.zeros_like(x)
+    return _Shift.apply(x, offset, group)
+
+
+def _peer(op: str, peer: int, group) -> int:
+    size = group_size(group)
+    if _world_of_one(group):
+        raise ValueError(f"{op}: a world of one (group {group}) has no other rank to talk to")
+    if not 0 <= peer < size or peer == _rank(group):
+        raise ValueError(f"{op}: peer {peer} must be another group rank in [0, {size}); this is rank {_rank(group)}")
+    return dist.get_global_rank(group, peer)
+
+
+def send(x: torch.Tensor, dst: int, *, group=None) -> None:
+    """Sends x [*S] to group rank `dst` (blocking; not differentiable)."""
+    dist.send(x.detach().contiguous(), _peer("send", dst, group), group=group)
+
+
+def recv(like: torch.Tensor, src: int, *, group=None) -> torch.Tensor:
+    """A new tensor shaped, typed and placed like `like` [*S], received from group rank `src`
+    (blocking; not differentiable)."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    dist.recv(out, _peer("recv", src, group), group=group)
+    return out
+
+
+def linear_prefix(s: torch.Tensor, d: torch.Tensor, *, method: str = "gather", group=None) -> torch.Tensor:
+    """The state entering this rank of the recurrence h_0 = 0, h_{r+1} = d_r * h_r + s_r chained
+    over the group's ranks: h_r = sum_{j<r} (prod_{j<i<r} d_i) s_j, elementwise.
+
+    s [*S] (this rank's state contribution), d [*D] broadcastable to S (its total decay) ->
+    h [*S] float32, computed in float32; zeros in a world of one. Differentiable in s and d.
+    method "gather" (LASP-2): one all_gather of (s, d), then r local steps; "ring" (ZeCO all-scan):
+    G-1 sequential hops carrying one state each."""
+    if method not in ("gather", "ring"):
+        raise ValueError(f"linear_prefix: method must be 'gather' or 'ring', got {method!r}")
+    try:
+        shape = torch.broadcast_shapes(s.shape, d.shape)
+    except RuntimeError:
+        shape = None
+    if shape != s.shape:
+        raise ValueError(f"linear_prefix: d of shape {tuple(d.shape)} must broadcast to s of shape {tuple(s.shape)}")
+    if _world_of_one(group):
+        return torch.zeros(s.shape, dtype=torch.float32, device=s.device)
+    s, d = s.float(), d.float()
+    if method == "ring":
+        return _RingPrefix.apply(s, d, group)
+    # one collective for both: d keeps its (broadcast) shape, so only its own elements travel
+    both = all_gather(torch.cat([s.reshape(-1), d.reshape(-1)]), group=group)
+    states, decays = both[:, :s.numel()].reshape(-1, *s.shape), both[:, s.numel():].reshape(-1, *d.shape)
+    # starts from the gathered buffer (an empty sum), so rank 0 joins the backward reduce-scatter
+    h = states[:0].sum(0)
+    for j in range(_rank(group)):
+        h = decays[j] * h + states[j]
+    return h
