@@ -23,8 +23,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="launch/plan.py", usage="%(prog)s +model=NAME [overrides] [options]",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="models: " + ", ".join(available_models()))
-    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp, as pp = ep = sp = 1 "
-                                                  "(default: parallel.dp, else 1)")
+    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp x sp, as pp = ep = 1 "
+                                                  "(default: parallel.dp x parallel.sp, else sp)")
     parser.add_argument("--gpu-mem-gib", type=float, default=141.0, help="memory of one GPU (default 141, an H200)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="the step's precision and kernels follow the device (default cuda)")

@@ -16,6 +16,13 @@ class ParallelConfig:
     offload_optimizer: keep the sharded master weights, gradients and AdamW state in host memory
         and step the optimizer on the CPU (ZeRO-3 on CUDA only).
     backend: "auto" picks nccl with CUDA and gloo otherwise.
+    sp: sequence-parallel degree: each sequence is split along time over `sp` ranks, which then
+        also shard the ZeRO state among themselves (stages 1-3; stage 0 is refused with sp > 1).
+    sp_linear: how GLA layers pass state between SP ranks: lasp2 (all-gather of every rank's
+        final state and decay) or allscan (a ring: O(1) volume per rank, sp - 1 hops).
+    sp_softmax: how softmax layers see the whole sequence: ulysses (all-to-all sequence <-> heads),
+        halo (window layers only: the previous `window` keys/values from the ranks before) or auto
+        (per layer, the one that sends fewer bytes).
     """
 
     dp: int = 0
@@ -25,6 +32,8 @@ class ParallelConfig:
     zero_stage: int = -1
     offload_optimizer: bool = False
     backend: str = "auto"
+    sp_linear: str = "lasp2"
+    sp_softmax: str = "auto"
 
     def __post_init__(self):
         for key in ("pp", "ep", "sp"):
@@ -37,11 +46,18 @@ class ParallelConfig:
         if self.offload_optimizer and self.zero_stage not in (-1, 3):
             raise ValueError(f"parallel.offload_optimizer=true needs parallel.zero_stage=3 (the engine "
                              f"offloads sharded state only), got zero_stage={self.zero_stage}")
+        if self.sp_linear not in ("lasp2", "allscan"):
+            raise ValueError(f"parallel.sp_linear must be lasp2 or allscan, got {self.sp_linear!r}")
+        if self.sp_softmax not in ("auto", "ulysses", "halo"):
+            raise ValueError(f"parallel.sp_softmax must be auto, ulysses or halo, got {self.sp_softmax!r}")
+        if self.sp > 1 and self.zero_stage == 0:
+            raise ValueError(f"parallel.sp={self.sp} needs ZeRO stage 1, 2 or 3 (sequence-parallel ranks "
+                             f"shard the state they share); got parallel.zero_stage=0")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
 
     def stage_for(self, dp: int) -> int:
-        """The ZeRO stage in force for a data-parallel size `dp`."""
+        """The ZeRO stage in force for `dp` ranks sharing the state (data x sequence parallel)."""
         if self.zero_stage == -1:
             return 3 if self.offload_optimizer else (1 if dp > 1 else 0)
         return self.zero_stage

@@ -3,7 +3,9 @@
 Axes, outermost first: `pp` (pipeline stages), the data-parallel axes `dp_replicate` and
 `dp_shard` (ZeRO stage 0 replicates over all dp ranks, stages 1-3 shard over them; expert
 parallelism will be carved out of data parallelism), `sp` (sequence parallel, innermost so a
-sequence's ranks share a node). `dp` is the two data-parallel axes flattened into one. A rank's
+sequence's ranks share a node). `dp` is the two data-parallel axes flattened into one;
+`dp_shard_sp` (dp_shard x sp) is the group the ZeRO state is sharded over (SP ranks hold the same
+weights, so they shard them too) and `dp_sp` every rank of a pipeline stage (losses, counts). A rank's
 data coordinate, and the groups the trainer talks over, come from the mesh, never from the global
 rank.
 
@@ -25,7 +27,7 @@ from .config import ParallelConfig
 AXES = ("pp", "dp_replicate", "dp_shard", "sp")
 # Strategies whose engines land in later issues; the mesh refuses them instead of running a
 # silently different layout.
-_PENDING = {"pp": "pipeline parallelism", "ep": "expert parallelism", "sp": "sequence parallelism"}
+_PENDING = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
 
 
 class Mesh:
@@ -47,7 +49,7 @@ class Mesh:
             raise ValueError(f"parallel.dp={cfg.dp or 'auto'} x pp={cfg.pp} x ep={cfg.ep} x sp={cfg.sp} "
                              f"does not match the world size {self.world_size} (torchrun --nproc-per-node x nodes)")
         self.dp, self.pp, self.ep, self.sp = dp, cfg.pp, cfg.ep, cfg.sp
-        self.zero_stage = cfg.stage_for(dp)
+        self.zero_stage = cfg.stage_for(dp * cfg.sp)
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         if self.world_size > 1 and "MASTER_ADDR" not in os.environ and not dist.is_initialized():
             raise ValueError(f"WORLD_SIZE={self.world_size} but no MASTER_ADDR: start multi-rank runs with "
@@ -63,6 +65,8 @@ class Mesh:
             self.device_mesh = init_device_mesh(self.device.type, (self.pp, replicate, shard, self.sp),
                                                 mesh_dim_names=AXES)
             self.device_mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            self.device_mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+            self.device_mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
 
     def coordinate(self, axis: str) -> int:
         """This rank's index along `axis` (0 in a world of one)."""
@@ -84,6 +88,24 @@ class Mesh:
     @property
     def dp_group(self):
         return self.group("dp")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.coordinate("sp")
+
+    @property
+    def sp_group(self):
+        return self.group("sp")
+
+    @property
+    def dp_sp_group(self):
+        """Every rank of this pipeline stage: data and sequence parallel (losses, token counts)."""
+        return self.group("dp_sp")
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks the ZeRO state is sharded over (stages 1-3) or replicated over (stage 0): dp x sp."""
+        return self.dp * self.sp
 
     def submesh(self, *axes: str) -> DeviceMesh | None:
         """The mesh over `axes` (e.g. `submesh("dp_replicate", "dp_shard")`); None in a world of one."""

@@ -27,14 +27,14 @@ def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
     if offload and mesh.device.type != "cuda":
         raise ValueError("parallel.offload_optimizer=true offloads GPU state to host memory; this run "
                          f"trains on {mesh.device}: set parallel.offload_optimizer=false")
-    if offload and mesh.dp == 1:
+    if offload and mesh.shard_size == 1:
         raise ValueError("parallel.offload_optimizer=true needs the sharded engine (data-parallel size > 1, "
                          "started with torchrun); with one rank set parallel.offload_optimizer=false")
     apply_compile(model, resolve(cfg.train.compile, mesh.device))
     apply_recompute(model.layers, cfg.train.recompute)
-    sharded = mesh.dp > 1
-    if sharded:
-        shard(model, mesh.submesh("dp_replicate", "dp_shard"), mesh.zero_stage,
+    sharded = mesh.shard_size > 1
+    if sharded:  # SP ranks hold the same weights: they shard them like data-parallel ranks
+        shard(model, mesh.submesh("dp_replicate", "dp_shard_sp"), mesh.zero_stage,
               compute_dtype(cfg.train.precision, mesh.device), offload)
     return Engine(model, mesh.zero_stage, sharded, offload and sharded,
-                  shard_group=mesh.group("dp_shard"), device=mesh.device)
+                  shard_group=mesh.group("dp_shard_sp"), device=mesh.device)

@@ -218,20 +218,23 @@ def _timeline(layers: list[Piece], head: Piece, r: int, state: _State, recompute
 def _settings(cfg, dp: int, device_type: str):
     """Checks what the planner covers; returns (micro-batch, setup, ZeRO stage, _State)."""
     par, train = cfg.parallel, cfg.train
-    for key in ("pp", "ep", "sp"):
+    for key in ("pp", "ep"):
         if getattr(par, key) != 1:
-            raise ValueError(f"parallel.{key}={getattr(par, key)}: the planner counts data parallelism only "
-                             "(parallel.pp = parallel.ep = parallel.sp = 1)")
+            raise ValueError(f"parallel.{key}={getattr(par, key)}: the planner counts data and sequence "
+                             "parallelism only (parallel.pp = parallel.ep = 1)")
+    sp = par.sp
+    if cfg.data.seq_len % sp:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.sp={sp}")
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device type must be cuda or cpu, got {device_type!r}")
     if dp < 1:
         raise ValueError(f"the data-parallel size must be >= 1, got {dp}")
-    if par.offload_optimizer and (dp == 1 or device_type != "cuda"):
+    if par.offload_optimizer and (dp * sp == 1 or device_type != "cuda"):
         raise ValueError("parallel.offload_optimizer=true needs the sharded engine on CUDA (data-parallel "
                          f"size > 1), planned: dp={dp} on {device_type}")
     bf16 = device_type == "cuda" and train.precision != "fp32"
     # one rank: fp32 weights under autocast; the sharded engine computes with bf16 copies of them
-    setup = Setup(torch.bfloat16 if bf16 and dp > 1 else torch.float32, torch.bfloat16 if bf16 else None,
+    setup = Setup(torch.bfloat16 if bf16 and dp * sp > 1 else torch.float32, torch.bfloat16 if bf16 else None,
                    device_type == "cuda")
     if train.global_batch % dp:
         raise ValueError(f"train.global_batch={train.global_batch} must be divisible by the data-parallel size {dp}")
@@ -239,16 +242,22 @@ def _settings(cfg, dp: int, device_type: str):
     if local % (train.micro_batch or local):
         raise ValueError(f"train.micro_batch={train.micro_batch} must divide the per-rank batch {local} "
                          f"(train.global_batch={train.global_batch} / dp={dp})")
-    stage, micro = par.stage_for(dp), train.micro_batch or local
-    state = _state(_meta_model(cfg.model, torch.float32), stage, dp, par.offload_optimizer, 2 if bf16 else 4,
+    # sequence-parallel ranks shard the state with the data-parallel ones
+    stage, micro = par.stage_for(dp * sp), train.micro_batch or local
+    state = _state(_meta_model(cfg.model, torch.float32), stage, dp * sp, par.offload_optimizer, 2 if bf16 else 4,
                    micro < local, device_type == "cuda")
     return micro, setup, stage, state
 
 
 def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
-    """cfg: train.config.RunConfig; dp: data-parallel size (the world, as pp = ep = sp = 1)."""
+    """cfg: train.config.RunConfig; dp: data-parallel size (world / parallel.sp, as pp = ep = 1).
+
+    Under sequence parallelism a rank holds seq_len / sp tokens of each row and the state is
+    sharded over dp x sp ranks; the blocks are traced at the slice length (Ulysses' full-sequence
+    attention over heads / sp holds as many bytes as the slice over all heads; the halo keys and
+    the gathered GLA states are not counted)."""
     b, setup, stage, state = _settings(cfg, dp, device_type)
-    m, t = cfg.model, cfg.data.seq_len
+    m, t = cfg.model, cfg.data.seq_len // cfg.parallel.sp
     residual = b * t * m.hidden_size * setup.weights.itemsize
     activations, worst, held, peaks = {}, {}, {}, {}
     for setting in MODES:
@@ -259,7 +268,7 @@ def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
         worst[setting] = name
         held[setting] = {"gradients": grads, "weight copies": weights, "activations, temporaries": live}
         peaks[setting] = state.params + state.optimizer + grads + weights + live
-    return MemoryPlan(m.name, dp, stage, dp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b, t,
+    return MemoryPlan(m.name, dp, stage, dp * cfg.parallel.sp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b, t,
                       b * t, "bf16" if setup.autocast else "fp32", state.params, state.grads, state.optimizer,
                       state.gathered, state.host, activations, logits, worst, held, peaks, peaks[cfg.train.recompute])
 

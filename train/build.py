@@ -16,6 +16,7 @@ from model.hf import HFStateReader
 from parallel import Mesh, parallelize
 from parallel.materialize import init_weights, load_weights, materialize
 from parallel.plan import check_fits, format_plan, plan_memory
+from parallel.sequence import check_sequence_parallel
 from .config import RunConfig
 from .optim import build_optimizer
 from .resume import check_model_config, resolve_resume
@@ -47,6 +48,7 @@ def run(cfg: RunConfig) -> dict:
 def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     t = cfg.train
     batch_split(t, mesh.dp)  # before anything is read or allocated
+    check_sequence_parallel(cfg)
     check_memory(cfg, mesh)
     loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)

@@ -16,6 +16,7 @@ from model.decoder import IGNORE_INDEX
 from model.flops import ModelFlops, document_lengths
 from parallel import comm
 from parallel.parallelize import compute_dtype
+from parallel.sequence import ShardedSequenceContext
 from .checkpoint import Checkpointer, stage
 from .flops import device_peak_flops
 from .metrics import MetricsLogger
@@ -202,18 +203,15 @@ class Trainer:
         device, dp_group = self.mesh.device, self.mesh.dp_group
         batch = self.loader.next_batch()
         # counted on the host from the CPU batch (no device sync); the MoE routing pass of
-        # _step_expert_load is overhead, not model FLOPs, like recomputation
+        # _step_expert_load is overhead, not model FLOPs, like recomputation. SP ranks hold the
+        # same rows, so dp ranks alone sum to the global batch
         self.flops_since_log += self.flops.step(document_lengths(batch["position_ids"]))
         num_targets = comm.all_reduce((batch["labels"] != IGNORE_INDEX).sum().to(device), group=dp_group)
-        scale = self.mesh.dp / num_targets.clamp(min=1).float()  # the engine averages gradients over dp
+        # the engine averages gradients over the dp x sp ranks sharing the weights
+        scale = self.mesh.shard_size / num_targets.clamp(min=1).float()
         n_micro = self.local_batch // self.micro_batch
-        parts = []
-        for i in range(n_micro):
-            part = {k: v[i * self.micro_batch:(i + 1) * self.micro_batch] for k, v in batch.items()}
-            # document boundaries are found on the host batch: on the device that would stall
-            # the host once per micro-batch while the previous backward drains
-            ctx = SequenceContext.from_position_ids(part["position_ids"]).to(device)
-            parts.append({**{k: v.to(device, non_blocking=True) for k, v in part.items()}, "ctx": ctx})
+        parts = [self._part({k: v[i * self.micro_batch:(i + 1) * self.micro_batch] for k, v in batch.items()})
+                 for i in range(n_micro)]
         step_load = self._step_expert_load(parts) if self.global_balance and n_micro > 1 else None
         loss_sum = torch.zeros((), device=device)
         for i, part in enumerate(parts):
@@ -224,12 +222,28 @@ class Trainer:
             loss.backward()
             loss_sum += out.loss_sum.detach()
         grad_norm = self.engine.clip_grad_norm(self.cfg.train.grad_clip)
-        global_loss = float(comm.all_reduce(loss_sum, group=dp_group) / num_targets.clamp(min=1))
+        global_loss = float(comm.all_reduce(loss_sum, group=self.mesh.dp_sp_group) / num_targets.clamp(min=1))
         skipped = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return global_loss, self.loader.tokens_per_step, grad_norm, skipped
+
+    def _part(self, part: dict) -> dict:
+        """One micro-batch of full rows [b, T] (host tensors) -> this rank's inputs on the device
+        and their sequence context. Document boundaries are found on the host batch: on the device
+        that would stall the host once per micro-batch while the previous backward drains. Under
+        sequence parallelism the rank keeps its time slice of every row."""
+        mesh, device = self.mesh, self.mesh.device
+        if mesh.sp > 1:
+            p = self.cfg.parallel
+            ctx = ShardedSequenceContext.slice(part["position_ids"], mesh.sp_rank, mesh.sp, mesh.sp_group,
+                                               linear=p.sp_linear, softmax=p.sp_softmax)
+            part = {k: ctx.slice_tokens(v) for k, v in part.items()}
+            part["position_ids"] = ctx.position_ids
+        else:
+            ctx = SequenceContext.from_position_ids(part["position_ids"])
+        return {**{k: v.to(device, non_blocking=True) for k, v in part.items()}, "ctx": ctx.to(device)}
 
     def _balance_loss(self, out, step_load, n_micro: int) -> torch.Tensor:
         """The MoE balance-loss term of one micro-batch's backward (model.moe.balance).
@@ -240,13 +254,19 @@ class Trainer:
         balance loss of the global batch, whatever the accumulation and dp size."""
         if not out.router:
             return out.aux_loss
+        sp = self.mesh.sp
         if not self.global_balance:
-            return out.aux_loss / n_micro
+            if sp == 1:
+                return out.aux_loss / n_micro
+            # the micro-batch's load over all its tokens, which SP splits over ranks; summed over
+            # them (the engine averages over sp as well)
+            counts, tokens = self._sum_load([out.router], self.mesh.sp_group)
+            return sp * sum(s.balance_loss(c, tokens) for s, c in zip(out.router, counts)) / n_micro
         if step_load is None:
             step_load = self._sum_load([out.router])
         counts, tokens = step_load
-        # the engine averages gradients over dp ranks: undo that for this sum
-        return self.mesh.dp * sum(s.balance_loss(c, tokens) for s, c in zip(out.router, counts))
+        # the engine averages gradients over the dp x sp ranks: undo that for this sum
+        return self.mesh.shard_size * sum(s.balance_loss(c, tokens) for s, c in zip(out.router, counts))
 
     @torch.no_grad()
     def _step_expert_load(self, parts) -> tuple[torch.Tensor, int]:
@@ -258,12 +278,14 @@ class Trainer:
                 routed.append(self.model(part["input_ids"], ctx=part["ctx"], route_only=True).router)
         return self._sum_load(routed)
 
-    def _sum_load(self, routed: list) -> tuple[torch.Tensor, int]:
+    def _sum_load(self, routed: list, group=False) -> tuple[torch.Tensor, int]:
         """routed: per forward pass, its list of RouterStats -> (counts [layers, E] summed over
-        passes and dp ranks, tokens routed in all of them)."""
+        passes and the ranks of `group` (default: every data- and sequence-parallel rank), tokens
+        routed in all of them)."""
+        group = self.mesh.dp_sp_group if group is False else group
         counts = torch.stack([torch.stack([s.counts for s in layers]) for layers in routed]).sum(0)
         tokens = torch.tensor([float(sum(layers[0].tokens for layers in routed))], device=counts.device)
-        both = comm.all_reduce(torch.cat([counts.flatten(), tokens]), group=self.mesh.dp_group)
+        both = comm.all_reduce(torch.cat([counts.flatten(), tokens]), group=group)
         return both[:-1].view_as(counts), int(both[-1].item())
 
     def _autocast(self):
