@@ -59,6 +59,13 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(format_plan(plan, gpu))
+    if par.sp > 1:
+        from parallel.sequence.volume import format_volume, step_volume
+
+        local = cfg.train.global_batch // (world // rest)
+        element = 2 if args.device == "cuda" and cfg.train.precision != "fp32" else 4
+        volume = step_volume(cfg, plan.micro_batch, local // plan.micro_batch, element)
+        print(format_volume(volume))
     try:
         check_fits(plan, gpu)
         print(f"train.recompute={plan.recompute} fits, {(gpu - plan.peak) / GiB:.1f} GiB to spare")
@@ -70,8 +77,9 @@ def main(argv: list[str]) -> int:
     print(f"planned in {time.perf_counter() - start:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**plan.to_dict(), "gpu_bytes": gpu, "fits": plan.peak <= gpu, "smallest_dp": smallest}, f,
-                      indent=2)
+            sp_bytes = volume["step"] if par.sp > 1 else 0
+            json.dump({**plan.to_dict(), "gpu_bytes": gpu, "fits": plan.peak <= gpu, "smallest_dp": smallest,
+                       "sp_bytes_per_step": sp_bytes}, f, indent=2)
     return 0
 
 

@@ -69,13 +69,14 @@ class MemoryPlan:
     """
     model: str
     dp: int
+    sp: int                      # sequence-parallel ranks: a rank holds seq_len / sp tokens of a row
     zero_stage: int
     sharded: bool                # FSDP2 manages the weights (dp > 1); one rank trains a plain model
     offload: bool
     recompute: str
     micro_batch: int
-    seq_len: int
-    tokens_per_micro_batch: int
+    seq_len: int                 # data.seq_len (the whole rows)
+    tokens_per_micro_batch: int  # on one rank
     compute_dtype: str
     params: int                  # fp32 master weights
     grads: int                   # most gradient bytes at once: the fp32 ones and one unit's being reduced
@@ -268,8 +269,9 @@ def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
         worst[setting] = name
         held[setting] = {"gradients": grads, "weight copies": weights, "activations, temporaries": live}
         peaks[setting] = state.params + state.optimizer + grads + weights + live
-    return MemoryPlan(m.name, dp, stage, dp * cfg.parallel.sp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b, t,
-                      b * t, "bf16" if setup.autocast else "fp32", state.params, state.grads, state.optimizer,
+    sp = cfg.parallel.sp
+    return MemoryPlan(m.name, dp, sp, stage, dp * sp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b,
+                      cfg.data.seq_len, b * t, "bf16" if setup.autocast else "fp32", state.params, state.grads, state.optimizer,
                       state.gathered, state.host, activations, logits, worst, held, peaks, peaks[cfg.train.recompute])
 
 
@@ -316,7 +318,8 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None) -> str:
             (f"gathered weights ({plan.compute_dtype})", plan.gathered_weights)]
     rows += [("host memory (offloaded state)", plan.host)] if plan.offload else []
     lines = [f"{plan.model}: dp {plan.dp}, {zero}{', optimizer offload' if plan.offload else ''}, micro-batch "
-             f"{plan.micro_batch} x {plan.seq_len} = {plan.tokens_per_micro_batch:,} tokens, "
+             f"{plan.micro_batch} x {plan.seq_len}{f' / sp {plan.sp}' if plan.sp > 1 else ''} = "
+             f"{plan.tokens_per_micro_batch:,} tokens, "
              f"{plan.compute_dtype} compute; {unit} per rank"]
     lines += [f"{name:36}{g(n)}" for name, n in rows]
     lines.append(f"{'train.recompute':36}" + "".join(f"{s:>11}" for s in MODES))

@@ -249,6 +249,16 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     assert set(data["activations"]) == set(MODES) and data["peak"] == data["peaks"]["none"]
 
 
+def test_cli_plans_sequence_parallel_slices_and_traffic(tmp_path):
+    out = tmp_path / "plan.json"
+    r = launch("+model=sb7b-tiny", "parallel.sp=2", "--world", "4", "data.seq_len=128", "train.global_batch=4",
+               "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "2 x 128 / sp 2 = 128 tokens" in r.stdout and "sequence-parallel traffic" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["dp"] == 2 and data["sp"] == 2 and data["sp_bytes_per_step"] > 0
+
+
 def test_cli_unknown_model_is_named_without_a_traceback():
     r = launch("+model=sb9b")
     assert r.returncode != 0 and "sb9b" in r.stderr and "sb7b-tiny" in r.stderr

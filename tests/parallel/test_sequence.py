@@ -99,3 +99,47 @@ def test_misconfigurations_are_named():
     with pytest.raises(ValueError, match="parallel.sp=2"):  # 6 query / 3 KV heads cannot spread over 2
         check_sequence_parallel(run("sb7b-tiny", 96, 2, num_heads=6, num_kv_heads=3, head_dim=32))
     check_sequence_parallel(run("sb7b-tiny", 96, 4))  # 4 query / 2 KV heads: KV replicated x2
+
+
+def test_plan_of_a_slice():
+    """Under SP a rank plans its slice of every row, with the state sharded over dp x sp."""
+    import dataclasses
+
+    from data.config import DataConfig
+    from parallel import plan as P
+    from parallel.config import ParallelConfig
+    from tests.helpers import model_config
+    from train.config import RunConfig, TrainConfig
+
+    def plan(seq_len, dp, sp):
+        cfg = RunConfig(model=model_config("sb7b-tiny"), parallel=ParallelConfig(sp=sp), data=DataConfig(seq_len=seq_len),
+                        train=TrainConfig(global_batch=2 * dp))
+        return P.plan_memory(cfg, dp, "cpu")
+
+    split, sharded, short = plan(192, 2, 2), plan(192, 4, 1), plan(96, 2, 1)
+    assert split.sp == 2 and split.seq_len == 192 and split.tokens_per_micro_batch == 2 * 96
+    assert (split.params, split.optimizer, split.zero_stage) == (sharded.params, sharded.optimizer, sharded.zero_stage)
+    assert split.activations == short.activations and split.logits == short.logits
+    with pytest.raises(ValueError, match="data.seq_len=190 must be divisible by parallel.sp=4"):
+        plan(190, 1, 4)
+
+
+def test_traffic_counts():
+    from data.config import DataConfig
+    from parallel.config import ParallelConfig
+    from parallel.sequence import volume as V
+    from tests.helpers import model_config
+    from train.config import RunConfig
+
+    m = model_config("sb7b-tiny")  # gla, swa, gla, swa; 2 KV heads of 32
+    state, decay = 2 * 2 * 32 * 32, 2 * 2 * 32
+    assert V.gla_volume(rows=2, kv_heads=2, head_dim=32, sp=4, method="lasp2") == 3 * (state + decay) * 4
+    assert V.gla_volume(rows=2, kv_heads=2, head_dim=32, sp=4, method="allscan") == state * 4
+    assert V.gla_volume(rows=2, kv_heads=2, head_dim=32, sp=1, method="lasp2") == 0
+    cfg = RunConfig(model=m, parallel=ParallelConfig(sp=4, sp_softmax="halo"), data=DataConfig(seq_len=96))
+    vol = V.step_volume(cfg, micro_batch=2, micro_batches=3, element_size=4)
+    assert [(mixer, how) for mixer, how, _ in vol["per_layer"]] == [("gla", "lasp2"), ("swa", "halo")] * 2
+    # halo: the 64-token window from 3 earlier ranks of 24 tokens, K and V, both directions
+    assert vol["per_layer"][1][2] == 2 * 2 * 64 * 2 * 2 * 32 * 4
+    assert vol["step"] == 3 * sum(n for *_, n in vol["per_layer"])
+    assert "per step" in V.format_volume(vol)
