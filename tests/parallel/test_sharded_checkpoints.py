@@ -2,6 +2,7 @@
 rank, and one written by one rank resumes on 4 ranks with ZeRO-2, with the losses of an
 uninterrupted one-rank run; `train.init_from` reads only each rank's rows."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -98,3 +99,25 @@ def counted_init_from(payload: dict) -> dict:
         HFCheckpoint.rows = original
     trainer.loader.close()
     return {**asked, "initial": full_params(trainer.model, mesh.is_main)}
+
+
+def test_sequence_parallel_run_resumes_on_one_rank_and_back(whole):
+    """sp 2 stops at step 3; one rank resumes to step 6 (the checkpoint reshards from the dp x sp
+    shards); the same checkpoint also resumes on sp 2 x dp 2. Both end on the uninterrupted
+    one-rank run."""
+    tmp, data, ref = whole
+    sp = dict(sp=2, zero_stage=2)
+    first_spec = spec(tmp, data, "sp", stop_after=3)
+    first_spec["parallel"].update(sp)
+    first = run_ranks(2, "tests.parallel.workers:train", first_spec)[0]
+    assert first["step"] == 3 and first["losses"] == pytest.approx(ref["losses"][:3], rel=1e-5)
+    shutil.copytree(tmp / "sp", tmp / "sp-copy")
+    rest = train(spec(tmp, data, "sp"))
+    assert rest["steps"] == [4, 5, 6] and rest["losses"] == pytest.approx(ref["losses"][3:], rel=1e-5)
+    wide_spec = spec(tmp, data, "sp-copy")
+    wide_spec["parallel"].update(sp)
+    wide = run_ranks(4, "tests.parallel.workers:train", wide_spec)[0]
+    assert wide["steps"] == [4, 5, 6] and wide["losses"] == pytest.approx(ref["losses"][3:], rel=1e-5)
+    for result in (rest, wide):
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(result["params"][name], p, rtol=0, atol=2e-5, msg=name)
