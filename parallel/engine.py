@@ -78,7 +78,7 @@ class Engine:
 def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offload: bool) -> None:
     """Applies FSDP2 to `model` (a Decoder, possibly on the meta device) in place.
 
-    fsdp_mesh: 2-D (dp_replicate, dp_shard) mesh. Units: embeddings (unless tied to the head),
+    fsdp_mesh: 2-D (dp_replicate, dp_shard) mesh (replicas) or 1-D (the ranks sharding). Units: embeddings (unless tied to the head),
     each block, then the root (final norm, LM head)."""
     kwargs = {"mesh": fsdp_mesh}
     if compute_dtype is not None:

@@ -25,6 +25,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from .config import ParallelConfig
 
 AXES = ("pp", "dp_replicate", "dp_shard", "sp")
+FLAT = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_sp": ("dp_shard", "sp"),
+        "dp_sp": ("dp_replicate", "dp_shard", "sp")}
 # Strategies whose engines land in later issues; the mesh refuses them instead of running a
 # silently different layout.
 _PENDING = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
@@ -60,21 +62,25 @@ class Mesh:
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(minutes=30))
         self.device_mesh: DeviceMesh | None = None
+        self._flat: dict[str, DeviceMesh] = {}  # flattened axes, kept (slicing them from the root is deprecated)
         if dist.is_initialized() and self.world_size > 1:
             replicate, shard = (dp, 1) if self.zero_stage == 0 else (1, dp)
             self.device_mesh = init_device_mesh(self.device.type, (self.pp, replicate, shard, self.sp),
                                                 mesh_dim_names=AXES)
-            self.device_mesh["dp_replicate", "dp_shard"]._flatten("dp")
-            self.device_mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-            self.device_mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
+            for name, axes in FLAT.items():
+                self._flat[name] = self.device_mesh[axes]._flatten(name)
 
     def coordinate(self, axis: str) -> int:
         """This rank's index along `axis` (0 in a world of one)."""
-        return self.device_mesh.get_local_rank(axis) if self.device_mesh is not None else 0
+        if self.device_mesh is None:
+            return 0
+        return self._flat[axis].get_local_rank() if axis in self._flat else self.device_mesh.get_local_rank(axis)
 
     def group(self, axis: str):
         """The process group of `axis` (None in a world of one: collectives are identities)."""
-        return self.device_mesh.get_group(axis) if self.device_mesh is not None else None
+        if self.device_mesh is None:
+            return None
+        return self._flat[axis].get_group() if axis in self._flat else self.device_mesh.get_group(axis)
 
     @property
     def world_group(self):
@@ -108,10 +114,21 @@ class Mesh:
         return self.dp * self.sp
 
     def submesh(self, *axes: str) -> DeviceMesh | None:
-        """The mesh over `axes` (e.g. `submesh("dp_replicate", "dp_shard")`); None in a world of one."""
+        """The mesh over `axes` (e.g. `submesh("dp_replicate", "dp_shard")`, or one flattened axis
+        such as `submesh("dp_shard_sp")`); None in a world of one."""
         if self.device_mesh is None:
             return None
+        if len(axes) == 1 and axes[0] in self._flat:
+            return self._flat[axes[0]]
         return self.device_mesh[axes[0] if len(axes) == 1 else axes]
+
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """The mesh the data-parallel engine shards over: (dp_replicate, dp_shard) for ZeRO stage 0
+        (replicas, sp = 1), else the flattened dp_shard x sp axis (SP ranks shard the state they
+        share); None in a world of one."""
+        if self.zero_stage == 0:
+            return self.submesh("dp_replicate", "dp_shard")
+        return self.submesh("dp_shard_sp")
 
     @property
     def is_main(self) -> bool:

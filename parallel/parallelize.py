@@ -34,7 +34,7 @@ def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
     apply_recompute(model.layers, cfg.train.recompute)
     sharded = mesh.shard_size > 1
     if sharded:  # SP ranks hold the same weights: they shard them like data-parallel ranks
-        shard(model, mesh.submesh("dp_replicate", "dp_shard_sp"), mesh.zero_stage,
+        shard(model, mesh.fsdp_mesh(), mesh.zero_stage,
               compute_dtype(cfg.train.precision, mesh.device), offload)
     return Engine(model, mesh.zero_stage, sharded, offload and sharded,
                   shard_group=mesh.group("dp_shard_sp"), device=mesh.device)
