@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
+from tests.parallel.ranks import error_messages
 
 S_SHAPE, D_SHAPES = (2, 3, 4, 5), ((2, 3, 4, 1), (2, 3, 4, 5), (5,))
 
@@ -100,20 +101,14 @@ def run_case(case: dict, group) -> dict:
 
 def errors(group) -> dict[str, str]:
     """Messages of the local argument checks on a real group (raised before any communication)."""
-    size, x, out = comm.group_size(group), torch.zeros(4, 2), {}
-    for name, fn in [("splits-count", lambda: comm.all_to_all(x, send_splits=[1] * (size + 1), group=group)),
+    size, x = comm.group_size(group), torch.zeros(4, 2)
+    return error_messages([("splits-count", lambda: comm.all_to_all(x, send_splits=[1] * (size + 1), group=group)),
                      ("splits-sum", lambda: comm.all_to_all(x, send_splits=[0] * (size - 1) + [3], group=group)),
                      ("recv-count", lambda: comm.all_to_all(x, recv_splits=[4], group=group)),
                      ("negative", lambda: comm.all_to_all(x, send_splits=[5, -1] + [0] * (size - 2), group=group)),
                      ("offset", lambda: comm.shift(x, offset=0, group=group)),
                      ("reduce_scatter", lambda: comm.reduce_scatter(x[:3], group=group)),
-                     ("send-self", lambda: comm.send(x, dist.get_rank(group), group=group))]:
-        try:
-            fn()
-            out[name] = "no error"
-        except ValueError as e:
-            out[name] = str(e)
-    return out
+                     ("send-self", lambda: comm.send(x, dist.get_rank(group), group=group))])
 
 
 def point_to_point(group) -> list[torch.Tensor]:

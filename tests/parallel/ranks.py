@@ -56,3 +56,26 @@ def run_ranks(world: int, target: str, payload=None, timeout: float = 600) -> li
             with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def launches(target: str, timeout: int = 120):
+    """world -> every rank's results of `target` (no payload), launching each world once."""
+    runs: dict[int, list] = {}
+
+    def get(world: int) -> list:
+        if world not in runs:
+            runs[world] = run_ranks(world, target, timeout=timeout)
+        return runs[world]
+    return get
+
+
+def error_messages(calls) -> dict[str, str]:
+    """calls: (name, fn) pairs -> name: the ValueError message of fn() ("no error" without one)."""
+    out = {}
+    for name, fn in calls:
+        try:
+            fn()
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
+    return out

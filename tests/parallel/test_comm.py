@@ -12,21 +12,16 @@ import torch
 
 from parallel import comm
 from tests.parallel.comm_workers import cases, even, inputs, make, view, weight
-from tests.parallel.ranks import run_ranks
+from tests.parallel.ranks import launches
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 WORLDS = (2, 4)
-_RUNS: dict = {}
 
 
 @pytest.fixture(scope="module")
 def ranks():
     """ranks(world): every rank's results of tests.parallel.comm_workers:run (one launch per world)."""
-    def get(world: int) -> list[dict]:
-        if world not in _RUNS:
-            _RUNS[world] = run_ranks(world, "tests.parallel.comm_workers:run", timeout=120)
-        return _RUNS[world]
-    return get
+    return launches("tests.parallel.comm_workers:run")
 
 
 def definition(case: dict, t: list[dict], r: int, size: int) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""Expert parallelism: the all-to-all MoE dispatcher and expert sharding.
+
+The EP group has `ep` ranks; EP rank r owns the global experts [r * E/ep, (r+1) * E/ep) (its
+"local" experts 0 .. E/ep - 1). `AllToAllDispatcher` plugs into the MoE layer's dispatcher seam
+(model/moe.py): every token copy travels to the rank that owns its expert and its result comes
+back, dropless (no capacity, uneven splits), so the layer computes exactly what one device
+holding every expert computes. `shard_experts` turns a full MoE layer into this rank's part.
+
+Gradient reduction is not done here: a rank's expert weights see every row routed to them from
+the whole EP group, so their gradients are already complete over it (they are reduced over the
+expert-data-parallel group only); the router and shared expert see this rank's tokens only and
+are reduced over the full data-parallel group, like any dense weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.moe import MoE
+from ops.moe import permute, unpermute
+from parallel.comm import all_to_all, group_size
+
+
+def check_experts(num_experts: int, ep: int) -> int:
+    """The number of experts per EP rank; ValueError naming the settings when E % ep != 0."""
+    if num_experts % ep:
+        raise ValueError(f"model.moe.num_experts = {num_experts} is not divisible by parallel.ep = {ep}: "
+                         f"every expert-parallel rank must own the same number of experts")
+    return num_experts // ep
+
+
+@dataclass
+class AllToAllHandle:
+    """What combine needs to send each result back and restore token order.
+
+    order [N*k] int64: flat (token, slot) index of each permuted row (as in `permute`);
+    send_splits / recv_splits: rows sent to / received from each EP rank;
+    blocks[s][j]: rows received from EP rank s for local expert j.
+    """
+
+    order: torch.Tensor
+    num_tokens: int
+    send_splits: list[int]
+    recv_splits: list[int]
+    blocks: list[list[int]]
+
+
+def _regroup(rows: torch.Tensor, blocks: list[list[int]]) -> torch.Tensor:
+    """rows [M, D] laid out as blocks[a][b] (a-major) -> the same blocks b-major [M, D].
+
+    With blocks[s][j] this turns "by source, then local expert" into "by local expert, then
+    source"; with the transposed blocks it undoes that. split/cat: differentiable, no index
+    tensor to build, and the block sizes are on the host already."""
+    A, B = len(blocks), len(blocks[0])
+    pieces = rows.split([n for row in blocks for n in row])
+    return torch.cat([pieces[a * B + b] for b in range(B) for a in range(A)])
+
+
+class AllToAllDispatcher:
+    """Dropless token all-to-all over the EP group `group` (None or a group of one: every
+    expert is local, and dispatch/combine are exactly LocalDispatcher's).
+
+    After each dispatch: `last_counts` [E] int64, the routed (token, slot) rows of *this rank's
+    tokens* per global expert (summing it over the data-parallel ranks, EP ranks included, gives
+    the expert load of the batch without double counting); `last_local_counts` [E/ep] int64,
+    the rows each local expert processed (from every EP rank). Both detached, on x's device.
+    dispatch and combine (and their backward) are collectives: every EP rank runs each of them,
+    also when it sends or receives no rows.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.ep = group_size(group)
+        self.last_counts: torch.Tensor | None = None
+        self.last_local_counts: torch.Tensor | None = None
+
+    def dispatch(self, x, topk_idx, num_experts):
+        """x [N, D], topk_idx [N, k] global expert ids -> rows [M, D] for this rank's experts,
+        grouped by local expert (rows of every source rank for local expert 0, in source-rank
+        order, then local expert 1, ...), counts [E/ep] int64 (rows per local expert, sum M),
+        handle.
+
+        Reads the split sizes to the host once (one device-to-host sync per layer): a dropless
+        all-to-all cannot size its receive buffers without them (the reference expert GEMM in
+        ops.moe reads the local counts once more). Differentiable w.r.t. x."""
+        local = check_experts(num_experts, self.ep)
+        x_perm, counts, order = permute(x, topk_idx, num_experts)
+        self.last_counts = counts.detach()
+        if self.ep == 1:
+            self.last_local_counts = self.last_counts
+            return x_perm, counts, AllToAllHandle(order, x.shape[0], [], [], [])
+        # row s of what arrives: the counts source rank s has for each of our local experts
+        recv_counts = all_to_all(counts.view(self.ep, local), group=self.group)  # [ep, E/ep]
+        host = torch.cat([counts, recv_counts.reshape(-1)]).tolist()  # the one host sync
+        mine, theirs = host[:num_experts], host[num_experts:]
+        send_splits = [sum(mine[d * local:(d + 1) * local]) for d in range(self.ep)]
+        blocks = [theirs[s * local:(s + 1) * local] for s in range(self.ep)]
+        recv_splits = [sum(row) for row in blocks]
+        # x_perm is sorted by global expert, so rank d's rows are one contiguous piece
+        rows = all_to_all(x_perm, send_splits=send_splits, recv_splits=recv_splits, group=self.group)
+        local_counts = recv_counts.sum(0)
+        self.last_local_counts = local_counts.detach()
+        return (_regroup(rows, blocks), local_counts,
+                AllToAllHandle(order, x.shape[0], send_splits, recv_splits, blocks))
+
+    def combine(self, y_rows, handle: AllToAllHandle, topk_weight):
+        """y_rows [M, D] (dispatch's layout) -> [N, D]: results back to their token's rank, then
+        each token's k expert outputs summed with topk_weight [N, k]. Differentiable w.r.t.
+        y_rows and topk_weight."""
+        if self.ep == 1:
+            return unpermute(y_rows, handle.order, topk_weight)
+        by_source = _regroup(y_rows, [list(col) for col in zip(*handle.blocks)])
+        y_perm = all_to_all(by_source, send_splits=handle.recv_splits, recv_splits=handle.send_splits,
+                            group=self.group)
+        return unpermute(y_perm, handle.order, topk_weight)
+
+
+def shard_experts(moe: MoE, group=None) -> AllToAllDispatcher:
+    """Keeps only this EP rank's experts in `moe` and installs the all-to-all dispatcher.
+
+    The Experts weights gate/up [E, F, D] and down [E, D, F] become new nn.Parameters holding
+    rows [r * E/ep, (r+1) * E/ep) (copies, so the full model they came from stays intact; meta
+    tensors stay meta). The router and shared expert stay whole. Returns the dispatcher."""
+    ep = group_size(group)
+    local = check_experts(moe.num_experts, ep)
+    if moe.experts.num_experts != moe.num_experts:
+        raise ValueError(f"shard_experts: the layer holds {moe.experts.num_experts} of its "
+                         f"{moe.num_experts} experts; it is sharded already")
+    start = (dist.get_rank(group) if ep > 1 else 0) * local
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        full = getattr(moe.experts, name)
+        part = full.detach()[start:start + local].clone()
+        setattr(moe.experts, name, nn.Parameter(part, requires_grad=full.requires_grad))
+    moe.dispatcher = AllToAllDispatcher(group)
+    return moe.dispatcher
