@@ -59,8 +59,3 @@ def apply_compile(model: nn.Module, mode: str, backend: str = "inductor") -> int
 def compiled_regions(model: nn.Module) -> int:
     """How many modules of `model` run compiled (`nn.Module.compile` was applied)."""
     return sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-
-
-def reset() -> None:
-    """Drops every compiled graph (tests switch backends and shapes freely)."""
-    torch._dynamo.reset()

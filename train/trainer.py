@@ -240,7 +240,6 @@ class Trainer:
             ctx = ShardedSequenceContext.slice(part["position_ids"], mesh.sp_rank, mesh.sp, mesh.sp_group,
                                                linear=p.sp_linear, softmax=p.sp_softmax)
             part = {k: ctx.slice_tokens(v) for k, v in part.items()}
-            part["position_ids"] = ctx.position_ids
         else:
             ctx = SequenceContext.from_position_ids(part["position_ids"])
         return {**{k: v.to(device, non_blocking=True) for k, v in part.items()}, "ctx": ctx.to(device)}

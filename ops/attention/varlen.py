@@ -22,19 +22,21 @@ except ImportError:  # torch without the varlen module
 
 __all__ = ["attention_varlen", "varlen_unsupported"]
 
-# (cu_seqlens, its version, its longest document) of the last call: every layer of a step passes
-# the same cu_seqlens tensor, so the device-to-host read of the longest document happens once a
-# step instead of once per layer.
-_last_longest: tuple[weakref.ref, int, int] | None = None
+# (cu_seqlens, its version, its longest document) of the last few calls: every layer of a step
+# passes one of a few cu_seqlens tensors (the step's own; under sequence parallelism also the
+# halo's per-window boundaries), so the device-to-host read of the longest document happens once
+# per tensor and step instead of once per layer.
+_RECENT = 4
+_recent_longest: list[tuple[weakref.ref, int, int]] = []
 
 
 def _longest_document(cu_seqlens: torch.Tensor) -> int:
-    global _last_longest
-    if (_last_longest is not None and _last_longest[0]() is cu_seqlens
-            and _last_longest[1] == cu_seqlens._version):
-        return _last_longest[2]
+    for ref, version, longest in _recent_longest:
+        if ref() is cu_seqlens and version == cu_seqlens._version:
+            return longest
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    _last_longest = (weakref.ref(cu_seqlens), cu_seqlens._version, longest)
+    _recent_longest.insert(0, (weakref.ref(cu_seqlens), cu_seqlens._version, longest))
+    del _recent_longest[_RECENT:]
     return longest
 
 

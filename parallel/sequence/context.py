@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from model.context import SequenceContext
+from . import halo, ulysses
+from .lasp2 import sp_linear_attention
 
 LINEAR_METHODS = ("lasp2", "allscan")
 SOFTMAX_METHODS = ("auto", "ulysses", "halo")
@@ -91,14 +93,10 @@ class ShardedSequenceContext(SequenceContext):
         return x[:, lo:lo + self.slice_len]
 
     def linear_attention(self, q, k, v, g, *, scale=None):
-        from .lasp2 import sp_linear_attention
-
         return sp_linear_attention(q, k, v, g, scale=scale, local_cu_seqlens=self.cu_seqlens,
                                    continues=self.continues, group=self.group, method=self.linear)
 
     def softmax_attention(self, q, k, v, *, window=None, sink_k=None, sink_v=None, scale=None):
-        from . import halo, ulysses
-
         kwargs = dict(window=window, sink_k=sink_k, sink_v=sink_v, scale=scale,
                       global_cu_seqlens=self.global_cu_seqlens, rows=self.rows, group=self.group)
         if self.softmax_method(window, q, k) == "halo":
@@ -111,8 +109,6 @@ class ShardedSequenceContext(SequenceContext):
             return "ulysses"
         if self.softmax == "halo":
             return "halo"
-        from . import halo, ulysses
-
         shapes = dict(rows=self.rows, slice_len=self.slice_len, sp=self.sp_size, kv_heads=k.shape[2],
                       head_dim=q.shape[3], element_size=q.element_size())
         sent_halo = halo.halo_volume(window=window, **shapes)
@@ -129,6 +125,4 @@ def check_sequence_parallel(cfg) -> None:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.sp={sp}")
     m = cfg.model
     if any(mixer != "gla" for mixer in m.mixers):
-        from .ulysses import ulysses_layout
-
-        ulysses_layout(m.num_heads, m.num_kv_heads, sp)
+        ulysses.ulysses_layout(m.num_heads, m.num_kv_heads, sp)

@@ -32,6 +32,8 @@ of a row's queries are wasted).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ops.attention import attention
@@ -70,6 +72,32 @@ def _halo_cu_seqlens(cu: torch.Tensor, starts: torch.Tensor, length: int) -> tor
     return (local + offsets[:, None]).reshape(-1).to(torch.int32)
 
 
+
+# The boundaries of the last few (global cu_seqlens, layout) pairs: every window layer of a step
+# sees the same ones, so they are built once a step, and the attention backends that read them
+# to the host (varlen's longest document) meet the same tensor each layer.
+_RECENT = 4
+_recent_windows: list[tuple] = []
+
+
+def _window_boundaries(global_cu: torch.Tensor | None, rows: int, T: int, first: int, L: int,
+                       device: torch.device) -> torch.Tensor:
+    """int32 boundaries of the B = `rows` windows of L tokens starting at global position `first`
+    of each row (rows of T tokens), from the global documents (`global_cu` [M+1] or None: one
+    document per row)."""
+    key = (rows, T, first, L, device, None if global_cu is None else global_cu._version)
+    for ref, k, cu in _recent_windows:
+        if k == key and (ref is None if global_cu is None else ref is not None and ref() is global_cu):
+            return cu
+    # Row starts join the boundaries (the contract has them already; the zeros before a row's
+    # position 0, on ranks p with p T_l < H, rely on them): sorted, duplicates are empty documents
+    row_starts = torch.arange(rows + 1, dtype=torch.int64, device=device) * T
+    cu = row_starts if global_cu is None else torch.cat([global_cu.to(torch.int64), row_starts]).sort().values
+    cu = _halo_cu_seqlens(cu, torch.arange(rows, device=device) * T + first, L)
+    _recent_windows.insert(0, (None if global_cu is None else weakref.ref(global_cu), key, cu))
+    del _recent_windows[_RECENT:]
+    return cu
+
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
                    sink_k: torch.Tensor | None, sink_v: torch.Tensor | None,
                    scale: float | None, global_cu_seqlens: torch.Tensor | None, rows: int,
@@ -103,16 +131,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window:
     L = H + T_l
     kr, vr = kv.split([Hkv, Hkv], dim=2)
     T = sp * T_l
-    # Row starts join the boundaries (the contract has them already; the zeros before a row's
-    # position 0, on ranks p with p T_l < H, rely on them): sorted, duplicates are empty documents
-    row_starts = torch.arange(rows + 1, dtype=torch.int64, device=q.device) * T
-    if global_cu_seqlens is None:
-        cu = row_starts
-    else:
-        cu = torch.cat([global_cu_seqlens.to(torch.int64), row_starts])
-        cu = cu.sort().values
-    starts = torch.arange(rows, device=cu.device) * T + (rank * T_l - H)
-    cu = _halo_cu_seqlens(cu, starts, L)
+    cu = _window_boundaries(global_cu_seqlens, rows, T, rank * T_l - H, L, q.device)
     o = attention(qr.reshape(1, rows * L, Hq, D), kr.reshape(1, rows * L, Hkv, D),
                   vr.reshape(1, rows * L, Hkv, D), window=window, sink_k=sink_k, sink_v=sink_v,
                   cu_seqlens=cu, scale=scale)

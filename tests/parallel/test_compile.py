@@ -36,10 +36,10 @@ class CountingBackend:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    C.reset()
+def _fresh_dynamo():  # tests switch backends and shapes freely
+    torch._dynamo.reset()
     yield
-    C.reset()
+    torch._dynamo.reset()
 
 
 def _batch(cfg, seed=0, lengths=None):
