@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from ops.loss import linear_cross_entropy
 from .config import ModelConfig
@@ -29,6 +30,12 @@ class DecoderOutput:
     num_tokens: torch.Tensor | None  # labels != IGNORE_INDEX
     aux_loss: torch.Tensor          # MoE balance loss of this pass alone, weighted by model.moe.aux_loss_coef
     router: list[RouterStats]       # per MoE layer, for a balance loss over more than this pass
+
+
+# The output's tensors must be visible to pytree: FSDP2 (the sharded engine) finds a unit's
+# outputs that way to hook its pre-backward all-gather. Hidden in an opaque object, torch 2.11
+# runs backward ops on freed ZeRO-3 weights (a crash, or silently wrong gradients).
+pytree.register_dataclass(DecoderOutput)
 
 
 class Block(nn.Module):
