@@ -23,8 +23,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="launch/plan.py", usage="%(prog)s +model=NAME [overrides] [options]",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="models: " + ", ".join(available_models()))
-    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp x sp, as pp = ep = 1 "
-                                                  "(default: parallel.dp x parallel.sp, else sp)")
+    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp x sp, as pp = 1; parallel.ep "
+                                                  "is carved out of dp (default: parallel.dp x parallel.sp, "
+                                                  "else sp x ep)")
     parser.add_argument("--gpu-mem-gib", type=float, default=141.0, help="memory of one GPU (default 141, an H200)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="the step's precision and kernels follow the device (default cuda)")
@@ -46,11 +47,11 @@ def main(argv: list[str]) -> int:
     from parallel.plan import GiB, check_fits, format_plan, plan_memory, smallest_dp
 
     par = cfg.parallel
-    rest = par.pp * par.ep * par.sp
-    world = args.world or (par.dp or 1) * rest
+    rest = par.pp * par.sp
+    world = args.world or (par.dp or par.ep) * rest
     if world % rest or (par.dp and par.dp * rest != world):
         raise SystemExit(f"error: --world {world} is not parallel.dp={par.dp or 'auto'} x pp={par.pp} x "
-                         f"ep={par.ep} x sp={par.sp}")
+                         f"sp={par.sp}")
     gpu = int(args.gpu_mem_gib * GiB)
     start = time.perf_counter()
     try:
@@ -66,6 +67,15 @@ def main(argv: list[str]) -> int:
         element = 2 if args.device == "cuda" and cfg.train.precision != "fp32" else 4
         volume = step_volume(cfg, plan.micro_batch, local // plan.micro_batch, element)
         print(format_volume(volume))
+    ep_bytes = 0
+    if par.ep > 1:
+        from parallel.expert import step_volume as expert_volume
+
+        local = cfg.train.global_batch // (world // rest)
+        element = 2 if args.device == "cuda" and cfg.train.precision != "fp32" else 4
+        ep_bytes = expert_volume(cfg, plan.micro_batch * cfg.data.seq_len // par.sp, local // plan.micro_batch, element)
+        print(f"expert all-to-all (ep {par.ep}): {ep_bytes / GiB:.2f} GiB sent per rank per step (balanced routing; "
+              f"forward and backward, dispatch and combine)")
     try:
         check_fits(plan, gpu)
         print(f"train.recompute={plan.recompute} fits, {(gpu - plan.peak) / GiB:.1f} GiB to spare")
@@ -79,7 +89,7 @@ def main(argv: list[str]) -> int:
         with open(args.json, "w") as f:
             sp_bytes = volume["step"] if par.sp > 1 else 0
             json.dump({**plan.to_dict(), "gpu_bytes": gpu, "fits": plan.peak <= gpu, "smallest_dp": smallest,
-                       "sp_bytes_per_step": sp_bytes}, f, indent=2)
+                       "sp_bytes_per_step": sp_bytes, "ep_bytes_per_step": ep_bytes}, f, indent=2)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from ops.moe import grouped_swiglu, permute, unpermute
 from .layers import SwiGLU
@@ -48,15 +49,23 @@ class Experts(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.gate_proj.shape[0]
+        """Experts held here (all of them, or this rank's under expert parallelism)."""
+        return _local(self.gate_proj).shape[0]
 
     def forward(self, x_perm, counts):
-        return grouped_swiglu(x_perm, counts, self.gate_proj, self.up_proj, self.down_proj,
-                              hidden_fn=self.hidden_fn)
+        """x_perm [M, D] grouped by the experts held here, counts [num_experts]."""
+        return grouped_swiglu(x_perm, counts, _local(self.gate_proj), _local(self.up_proj),
+                              _local(self.down_proj), hidden_fn=self.hidden_fn)
 
     def init_weights(self, std: float):
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=std)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The experts of this rank: expert parallelism keeps the stacked weights as DTensors of the
+    full [E, ...] shape sharded over experts, whose local tensor is this rank's [E/ep, ...]."""
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 @dataclass

@@ -8,7 +8,12 @@ ZERO_STAGES = (0, 1, 2, 3)
 class ParallelConfig:
     """Degrees of each strategy and the data-parallel engine's settings.
 
-    dp: data-parallel degree; 0 means "whatever the world size leaves" (world / (pp*ep*sp)).
+    dp: data-parallel degree; 0 means "whatever the world size leaves" (world / (pp*sp)).
+    ep: expert-parallel degree, carved out of data parallelism (it divides dp): each group of
+        `ep` data-parallel ranks splits the routed experts of every MoE layer among themselves
+        and sends each token to the rank holding its expert (dropless all-to-all). Needs ZeRO
+        stage 1-3 (the dense state is sharded over all dp x sp ranks, the expert state over the
+        ranks holding the same experts).
     zero_stage: -1 = auto (1 when dp > 1, else 0). 0 replicates everything (DDP); 1 shards the
         optimizer state and the fp32 master weights, reducing gradients once per step; 2 also
         reduce-scatters gradients after every micro-batch (sharded gradient accumulation); 3 also
@@ -53,6 +58,10 @@ class ParallelConfig:
         if self.sp > 1 and self.zero_stage == 0:
             raise ValueError(f"parallel.sp={self.sp} needs ZeRO stage 1, 2 or 3 (sequence-parallel ranks "
                              f"shard the state they share); got parallel.zero_stage=0")
+        if self.ep > 1 and self.zero_stage == 0:
+            raise ValueError(f"parallel.ep={self.ep} needs ZeRO stage 1, 2 or 3 (each rank holds only its "
+                             f"experts, so their state cannot be a replica); got parallel.zero_stage=0. "
+                             f"Stage 1 costs the same traffic as stage 0")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
 

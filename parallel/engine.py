@@ -27,24 +27,31 @@ state in host memory and steps AdamW on the CPU (ZeRO-3, CUDA).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
+from model.moe import Experts
 from . import comm
 
 
 class Engine:
     """The model the trainer calls plus what its data-parallel engine needs per step.
 
-    module: the model to call (the decoder itself, sharded in place when dp > 1).
+    module: the model to train: the decoder itself (sharded in place when dp x sp > 1), or under
+        pipeline parallelism this rank's `parallel.pipeline.Stage`.
     stage: the ZeRO stage in force; sharded: whether FSDP2 manages the weights.
-    shard_group: the process group over which a parameter's rows are split (None: unsharded).
+    norm_group: the ranks whose gradients together make the whole model's: the shard group (dp x
+        sp; ZeRO stage 0: none) times the pipeline stages. None in a world of one.
+    pipeline: the `parallel.pipeline.Pipeline` that runs this rank's stage (pp > 1), else None.
     """
 
     def __init__(self, module: torch.nn.Module, stage: int, sharded: bool, offload: bool,
-                 shard_group=None, device: torch.device | None = None):
+                 norm_group=None, device: torch.device | None = None, ep: int = 1, pipeline=None):
         self.module, self.stage, self.sharded, self.offload = module, stage, sharded, offload
-        self.shard_group, self.device = shard_group, device
+        self.norm_group, self.device, self.ep, self.pipeline = norm_group, device, ep, pipeline
+        # expert weights under expert parallelism (see _shard_experts: their gradients need / ep)
+        self.expert_params = [p for m in module.modules() if _is_experts(m) for p in m.parameters()] if ep > 1 else []
 
     def micro_batch(self, last: bool) -> None:
         """Before each micro-batch's forward: whether it is the step's last. Stages 0 and 1
@@ -59,35 +66,76 @@ class Engine:
         """Global gradient L2 norm over all ranks' shards (before clipping); scales the gradients
         down to `max_norm` when above it (0 = no clipping), as `clip_grad_norm_` does.
 
-        Sharded: each rank sums the squares of its own rows (wherever they live: the GPU, or host
-        memory under offload) and the sums are added over the shard group on the device."""
+        Sharded or pipelined: each rank sums the squares of its own rows (wherever they live:
+        the GPU, or host memory under offload) and the sums are added over `norm_group` on the
+        device (with expert parallelism the experts' blocks partition the whole expert tensors
+        over the same ranks). Expert gradients are first brought to the dense weights' scale
+        (divided by ep)."""
+        expert_grads = [_local(p.grad) for p in self.expert_params if p.grad is not None]
+        if expert_grads:
+            torch._foreach_mul_(expert_grads, 1.0 / self.ep)
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if not self.sharded:
+        if not self.sharded and self.pipeline is None:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-        local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        local = [_local(p.grad) for p in params]
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
         for t in local:
             squares += torch.linalg.vector_norm(t, dtype=torch.float32).to(self.device) ** 2
-        norm = float(comm.all_reduce(squares, group=self.shard_group).sqrt())
+        norm = float(comm.all_reduce(squares, group=self.norm_group).sqrt())
         coef = max_norm / (norm + 1e-6)
         if max_norm > 0 and coef < 1:
             torch._foreach_mul_(local, coef)
         return norm
 
 
-def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offload: bool) -> None:
+def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offload: bool,
+          expert_mesh=None) -> None:
     """Applies FSDP2 to `model` (a Decoder, possibly on the meta device) in place.
 
-    fsdp_mesh: 2-D (dp_replicate, dp_shard) mesh (replicas) or 1-D (the ranks sharding). Units: embeddings (unless tied to the head),
-    each block, then the root (final norm, LM head)."""
+    fsdp_mesh: 2-D (dp_replicate, dp_shard) mesh (replicas) or 1-D (the ranks sharding). Units:
+    embeddings (unless tied to the head), each block, then the root (final norm, LM head); of a
+    pipeline `Stage`, the parts it holds.
+    expert_mesh: under expert parallelism (the experts' weights are DTensors over the EP mesh,
+    `parallel.expert.shard_experts`), the ranks holding the same experts; each MoE layer's
+    experts become their own unit sharded over it, inside the block's unit."""
     kwargs = {"mesh": fsdp_mesh}
+    blocks = model.blocks() if hasattr(model, "blocks") else list(model.layers)  # a pipeline Stage or a Decoder
     if compute_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
     reshard = stage == 3
-    if model.lm_head is not None:  # a tied embedding is the head's weight: it stays in the root
+    # a tied embedding is the head's weight: it stays in the root
+    if model.embeddings is not None and not model.cfg.tie_word_embeddings:
         fully_shard(model.embeddings, reshard_after_forward=reshard, **kwargs)
-    for block in model.layers:
+    for block in blocks:
+        if expert_mesh is not None and _is_experts(getattr(block.mlp, "experts", None)):
+            _shard_experts(block.mlp.experts, expert_mesh, reshard, kwargs)
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _is_experts(m) -> bool:
+    """Whether `m` is the stacked routed experts of an MoE layer split over EP ranks."""
+    return isinstance(m, Experts) and isinstance(m.gate_proj, DTensor)
+
+
+def _shard_experts(experts: nn.Module, expert_mesh, reshard: bool, kwargs: dict) -> None:
+    """One FSDP2 unit for a layer's local experts, sharded over `expert_mesh` (the ranks holding
+    them): along the expert dim when every rank gets whole experts, else along dim 1 (the
+    projections' rows) so that no rank is left without a share.
+
+    Gradients: FSDP2 averages them over the expert mesh (dp x sp / ep ranks), but an expert's
+    weights see the rows routed to them from all ep EP ranks, each scaled like any rank's loss
+    (the trainer multiplies by dp x sp / targets so that the dense weights' mean over dp x sp is
+    the global-batch gradient): they come out ep times too large, and `Engine` divides them by
+    ep after the backward (FSDP2's own divide factor is a PREMUL_SUM reduction gloo lacks)."""
+    local = experts.num_experts
+    ranks = expert_mesh.size()
+    dim = 0 if local % ranks == 0 else 1
+    fully_shard(experts, reshard_after_forward=reshard, shard_placement_fn=lambda _p: Shard(dim),
+                **{**kwargs, "mesh": expert_mesh})

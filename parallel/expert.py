@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from model.moe import MoE
 from ops.moe import permute, unpermute
@@ -118,21 +120,55 @@ class AllToAllDispatcher:
         return unpermute(y_perm, handle.order, topk_weight)
 
 
-def shard_experts(moe: MoE, group=None) -> AllToAllDispatcher:
+def shard_experts(moe: MoE, ep: DeviceMesh | dist.ProcessGroup | None = None) -> AllToAllDispatcher:
     """Keeps only this EP rank's experts in `moe` and installs the all-to-all dispatcher.
+
+    ep: the 1-D expert-parallel mesh (the training engine: the weights become DTensors of the
+    full [E, ...] shape sharded over it, so checkpoints hold whole expert tensors and a run
+    resumes on any layout), or a process group (the weights become plain tensors of this rank's
+    experts), or None (one rank: nothing to shard).
 
     The Experts weights gate/up [E, F, D] and down [E, D, F] become new nn.Parameters holding
     rows [r * E/ep, (r+1) * E/ep) (copies, so the full model they came from stays intact; meta
     tensors stay meta). The router and shared expert stay whole. Returns the dispatcher."""
-    ep = group_size(group)
-    local = check_experts(moe.num_experts, ep)
+    mesh = ep if isinstance(ep, DeviceMesh) else None
+    group = mesh.get_group() if mesh is not None else ep
+    size = group_size(group)
+    local = check_experts(moe.num_experts, size)
     if moe.experts.num_experts != moe.num_experts:
         raise ValueError(f"shard_experts: the layer holds {moe.experts.num_experts} of its "
                          f"{moe.num_experts} experts; it is sharded already")
-    start = (dist.get_rank(group) if ep > 1 else 0) * local
+    start = (dist.get_rank(group) if size > 1 else 0) * local
     for name in ("gate_proj", "up_proj", "down_proj"):
         full = getattr(moe.experts, name)
         part = full.detach()[start:start + local].clone()
+        if mesh is not None:
+            part = DTensor.from_local(part, mesh, [Shard(0)], run_check=False, shape=full.shape,
+                                      stride=full.stride())
         setattr(moe.experts, name, nn.Parameter(part, requires_grad=full.requires_grad))
     moe.dispatcher = AllToAllDispatcher(group)
     return moe.dispatcher
+
+
+def shard_all_experts(model, mesh) -> list[AllToAllDispatcher]:
+    """Expert parallelism over `mesh`'s ep axis for every MoE layer of `model` (a Decoder, on
+    the meta device before the engine shards it); ValueError naming the settings when the model
+    has no MoE layer or its experts do not divide among the EP ranks."""
+    layers = [block.mlp for block in model.layers if isinstance(block.mlp, MoE)]
+    if not layers:
+        raise ValueError(f"parallel.ep={mesh.ep}: model {model.cfg.name} has no MoE layer (model.layer_plan "
+                         f"ffn) to split over expert-parallel ranks; set parallel.ep=1")
+    check_experts(layers[0].num_experts, mesh.ep)
+    ep_mesh = mesh.submesh("ep")
+    return [shard_experts(moe, ep_mesh) for moe in layers]
+
+
+def step_volume(cfg, tokens: int, micro_batches: int, element: int) -> int:
+    """Bytes one rank sends through the expert all-to-all in an optimizer step of `micro_batches`
+    micro-batches of `tokens` tokens each (cfg: RunConfig), routing balanced: per MoE layer the
+    forward's dispatch and combine and the backward's two, each sending the (ep - 1) / ep of
+    the rank's tokens x top_k rows that belong to other ranks, `element` bytes per value (the
+    split counts, E values, are left out)."""
+    m, ep = cfg.model, cfg.parallel.ep
+    rows = tokens * m.moe.top_k * (ep - 1) // ep
+    return 4 * rows * m.hidden_size * element * m.ffns.count("moe") * micro_batches

@@ -1,13 +1,18 @@
 """Process mesh: the world laid out as named axes over `torch.distributed.device_mesh`.
 
-Axes, outermost first: `pp` (pipeline stages), the data-parallel axes `dp_replicate` and
-`dp_shard` (ZeRO stage 0 replicates over all dp ranks, stages 1-3 shard over them; expert
-parallelism will be carved out of data parallelism), `sp` (sequence parallel, innermost so a
-sequence's ranks share a node). `dp` is the two data-parallel axes flattened into one;
-`dp_shard_sp` (dp_shard x sp) is the group the ZeRO state is sharded over (SP ranks hold the same
-weights, so they shard them too) and `dp_sp` every rank of a pipeline stage (losses, counts). A rank's
-data coordinate, and the groups the trainer talks over, come from the mesh, never from the global
-rank.
+Axes, outermost first: `pp` (pipeline stages), the data-parallel axes `dp_replicate`, `dp_shard`
+and `ep`, and `sp` (sequence parallel, innermost so a sequence's ranks share a node). Data
+parallelism spans dp_replicate x dp_shard x ep: expert parallelism is carved out of it, so EP
+ranks read different data and each holds `num_experts / ep` of the routed experts. ZeRO stage 0
+replicates over all dp ranks (dp_replicate = dp, ep = 1), stages 1-3 shard over them.
+
+Flattened axes: `dp` (dp_replicate x dp_shard x ep) is a rank's data coordinate; `shard`
+(dp_shard x ep x sp) is the group the ZeRO state of the dense weights is sharded over (SP ranks
+hold the same weights, so they shard them too); `expert_shard` (dp_shard x sp) shards the state of
+the experts a rank holds, the ranks holding the same experts (expert-data-parallel); `dp_sp` is
+every rank of a pipeline stage (losses, counts) and `pp_shard` (pp x shard) every rank holding a
+distinct piece of the state (the global gradient norm). A rank's data coordinate, and the groups the
+trainer talks over, come from the mesh, never from the global rank.
 
 A process started by `torchrun` joins the default process group (NCCL on CUDA, gloo on CPU); a
 plain `python` process is a world of one without any process group, and takes the same code path
@@ -24,12 +29,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ParallelConfig
 
-AXES = ("pp", "dp_replicate", "dp_shard", "sp")
-FLAT = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_sp": ("dp_shard", "sp"),
-        "dp_sp": ("dp_replicate", "dp_shard", "sp")}
-# Strategies whose engines land in later issues; the mesh refuses them instead of running a
-# silently different layout.
-_PENDING = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
+AXES = ("pp", "dp_replicate", "dp_shard", "ep", "sp")
+FLAT = {"dp": ("dp_replicate", "dp_shard", "ep"), "shard": ("dp_shard", "ep", "sp"),
+        "expert_shard": ("dp_shard", "sp"), "dp_sp": ("dp_replicate", "dp_shard", "ep", "sp"),
+        "pp_shard": ("pp", "dp_shard", "ep", "sp")}
 
 
 class Mesh:
@@ -41,15 +44,7 @@ class Mesh:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = _pick_device(device, self.local_rank)
-        for key, what in _PENDING.items():
-            if getattr(cfg, key) > 1:
-                raise ValueError(f"parallel.{key}={getattr(cfg, key)}: {what} is not available in this "
-                                 f"version of the framework; set parallel.{key}=1")
-        rest = cfg.pp * cfg.ep * cfg.sp
-        dp = cfg.dp or self.world_size // rest
-        if dp * rest != self.world_size:
-            raise ValueError(f"parallel.dp={cfg.dp or 'auto'} x pp={cfg.pp} x ep={cfg.ep} x sp={cfg.sp} "
-                             f"does not match the world size {self.world_size} (torchrun --nproc-per-node x nodes)")
+        dp = check_layout(cfg, self.world_size)
         self.dp, self.pp, self.ep, self.sp = dp, cfg.pp, cfg.ep, cfg.sp
         self.zero_stage = cfg.stage_for(dp * cfg.sp)
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
@@ -64,8 +59,8 @@ class Mesh:
         self.device_mesh: DeviceMesh | None = None
         self._flat: dict[str, DeviceMesh] = {}  # flattened axes, kept (slicing them from the root is deprecated)
         if dist.is_initialized() and self.world_size > 1:
-            replicate, shard = (dp, 1) if self.zero_stage == 0 else (1, dp)
-            self.device_mesh = init_device_mesh(self.device.type, (self.pp, replicate, shard, self.sp),
+            replicate, shard = (dp, 1) if self.zero_stage == 0 else (1, dp // self.ep)
+            self.device_mesh = init_device_mesh(self.device.type, (self.pp, replicate, shard, self.ep, self.sp),
                                                 mesh_dim_names=AXES)
             for name, axes in FLAT.items():
                 self._flat[name] = self.device_mesh[axes]._flatten(name)
@@ -109,13 +104,29 @@ class Mesh:
         return self.group("dp_sp")
 
     @property
+    def pp_rank(self) -> int:
+        return self.coordinate("pp")
+
+    @property
+    def pp_group(self):
+        return self.group("pp")
+
+    @property
+    def ep_rank(self) -> int:
+        return self.coordinate("ep")
+
+    @property
+    def ep_group(self):
+        return self.group("ep")
+
+    @property
     def shard_size(self) -> int:
         """Ranks the ZeRO state is sharded over (stages 1-3) or replicated over (stage 0): dp x sp."""
         return self.dp * self.sp
 
     def submesh(self, *axes: str) -> DeviceMesh | None:
         """The mesh over `axes` (e.g. `submesh("dp_replicate", "dp_shard")`, or one flattened axis
-        such as `submesh("dp_shard_sp")`); None in a world of one."""
+        such as `submesh("shard")`); None in a world of one."""
         if self.device_mesh is None:
             return None
         if len(axes) == 1 and axes[0] in self._flat:
@@ -123,12 +134,17 @@ class Mesh:
         return self.device_mesh[axes[0] if len(axes) == 1 else axes]
 
     def fsdp_mesh(self) -> DeviceMesh | None:
-        """The mesh the data-parallel engine shards over: (dp_replicate, dp_shard) for ZeRO stage 0
-        (replicas, sp = 1), else the flattened dp_shard x sp axis (SP ranks shard the state they
-        share); None in a world of one."""
+        """The mesh the data-parallel engine shards the dense weights over: (dp_replicate,
+        dp_shard) for ZeRO stage 0 (replicas, sp = ep = 1), else the flattened dp_shard x ep x sp
+        axis (SP and EP ranks shard the dense state they share); None in a world of one."""
         if self.zero_stage == 0:
             return self.submesh("dp_replicate", "dp_shard")
-        return self.submesh("dp_shard_sp")
+        return self.submesh("shard")
+
+    def expert_mesh(self) -> DeviceMesh | None:
+        """The mesh that shards the state of this rank's experts: the ranks holding the same
+        experts (dp_shard x sp; ZeRO stages 1-3). None in a world of one."""
+        return self.submesh("expert_shard")
 
     @property
     def is_main(self) -> bool:
@@ -140,6 +156,21 @@ class Mesh:
             # ("terminate called without an active exception"): leave together
             dist.barrier()
             dist.destroy_process_group()
+
+
+def check_layout(cfg: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree of `cfg` on `world_size` ranks; ValueError naming the settings
+    when the degrees do not multiply to the world size or ep does not divide dp."""
+    rest = cfg.pp * cfg.sp
+    dp = cfg.dp or world_size // rest
+    if dp * rest != world_size:
+        raise ValueError(f"parallel.dp={cfg.dp or 'auto'} x parallel.pp={cfg.pp} x parallel.sp={cfg.sp} does not "
+                         f"match the world size {world_size} (torchrun --nproc-per-node x nodes)")
+    if dp % cfg.ep:
+        raise ValueError(f"parallel.ep={cfg.ep} must divide the data-parallel size {dp} (expert "
+                         f"parallelism is carved out of data parallelism: world {world_size} / "
+                         f"(pp={cfg.pp} x sp={cfg.sp}))")
+    return dp
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from model import build_model
+from model.moe import Experts
 from .plan_trace import LiveBytes, Piece, Setup, balance, trace
 from .recompute import MODES
 
@@ -70,6 +71,7 @@ class MemoryPlan:
     model: str
     dp: int
     sp: int                      # sequence-parallel ranks: a rank holds seq_len / sp tokens of a row
+    ep: int                      # expert-parallel ranks (within dp): a rank holds E / ep experts
     zero_stage: int
     sharded: bool                # FSDP2 manages the weights (dp > 1); one rank trains a plain model
     offload: bool
@@ -112,16 +114,30 @@ class _State:
     accumulate: bool         # gradients exist from the step's second micro-batch on
 
 
-def _state(model: nn.Module, stage: int, dp: int, offload: bool, c: int, accumulate: bool, cuda: bool) -> _State:
-    """The state of `model` (fp32, on meta) on one of `dp` ranks; c: bytes per element of the
-    compute dtype. FSDP2 units: the embeddings (unless tied), each block, and the root, which
-    stays gathered for the whole step."""
+def _state(model: nn.Module, stage: int, dp: int, offload: bool, c: int, accumulate: bool, cuda: bool,
+           ep: int = 1) -> _State:
+    """The state of `model` (fp32, on meta) on one of `dp` ranks (all sharing the dense state:
+    data x sequence parallel); c: bytes per element of the compute dtype. FSDP2 units: the
+    embeddings (unless tied), each block, and the root, which stays gathered for the whole step.
+    Under expert parallelism (ep > 1) a rank holds E / ep experts of each MoE layer, sharded over
+    the dp / ep ranks holding the same ones (parallel/engine.py: by experts when they divide
+    evenly, else by rows of dim 1); they count in their block's unit."""
     tied = model.lm_head is None
     parts = [list(b.parameters()) for b in model.layers[::-1]] + ([] if tied else [list(model.embeddings.parameters())])
     inner = {id(p) for u in parts for p in u}
     parts.insert(0, [p for p in model.parameters() if id(p) not in inner])
-    rows = lambda p: -(-p.shape[0] // dp) * (p.numel() // p.shape[0])  # noqa: E731  (FSDP2 pads)
-    units = [sum(p.numel() for p in u) for u in parts]
+    experts = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()} if ep > 1 else set()
+
+    def rows(p) -> int:  # elements of p's shard on the first rank (FSDP2 pads: ceil)
+        if id(p) not in experts:
+            return -(-p.shape[0] // dp) * (p.numel() // p.shape[0])
+        local, ranks = p.shape[0] // ep, dp // ep
+        if local % ranks == 0:
+            return local // ranks * (p.numel() // p.shape[0])
+        return local * -(-p.shape[1] // ranks) * (p.numel() // (p.shape[0] * p.shape[1]))
+
+    full = lambda p: p.numel() // ep if id(p) in experts else p.numel()  # noqa: E731  (gathered here)
+    units = [sum(full(p) for p in u) for u in parts]
     total, shards = sum(units), [sum(rows(p) for p in u) for u in parts]
     step = 0 if cuda or offload else _adamw_temporaries([4 * rows(p) for p in model.parameters()],
                                                          [p.ndim >= 2 for p in model.parameters()])
@@ -219,11 +235,17 @@ def _timeline(layers: list[Piece], head: Piece, r: int, state: _State, recompute
 def _settings(cfg, dp: int, device_type: str):
     """Checks what the planner covers; returns (micro-batch, setup, ZeRO stage, _State)."""
     par, train = cfg.parallel, cfg.train
-    for key in ("pp", "ep"):
-        if getattr(par, key) != 1:
-            raise ValueError(f"parallel.{key}={getattr(par, key)}: the planner counts data and sequence "
-                             "parallelism only (parallel.pp = parallel.ep = 1)")
-    sp = par.sp
+    if par.pp != 1:
+        raise ValueError(f"parallel.pp={par.pp}: the planner counts data, expert and sequence parallelism "
+                         "only (parallel.pp = 1)")
+    sp, ep = par.sp, par.ep
+    if dp % ep:
+        raise ValueError(f"parallel.ep={ep} must divide the data-parallel size {dp}")
+    if ep > 1 and "moe" not in cfg.model.ffns:
+        raise ValueError(f"parallel.ep={ep}: model {cfg.model.name} has no MoE layer; set parallel.ep=1")
+    if ep > 1 and cfg.model.moe.num_experts % ep:
+        raise ValueError(f"model.moe.num_experts = {cfg.model.moe.num_experts} is not divisible by "
+                         f"parallel.ep = {ep}")
     if cfg.data.seq_len % sp:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.sp={sp}")
     if device_type not in ("cuda", "cpu"):
@@ -246,14 +268,17 @@ def _settings(cfg, dp: int, device_type: str):
     # sequence-parallel ranks shard the state with the data-parallel ones
     stage, micro = par.stage_for(dp * sp), train.micro_batch or local
     state = _state(_meta_model(cfg.model, torch.float32), stage, dp * sp, par.offload_optimizer, 2 if bf16 else 4,
-                   micro < local, device_type == "cuda")
+                   micro < local, device_type == "cuda", ep)
     return micro, setup, stage, state
 
 
 def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
-    """cfg: train.config.RunConfig; dp: data-parallel size (world / parallel.sp, as pp = ep = 1).
+    """cfg: train.config.RunConfig; dp: data-parallel size (world / parallel.sp, as pp = 1; expert
+    parallelism is carved out of it).
 
-    Under sequence parallelism a rank holds seq_len / sp tokens of each row and the state is
+    Under expert parallelism a rank gathers and holds state for E / ep experts per MoE layer; the
+    activations are those of one device with balanced routing (the all-to-all's receive buffer,
+    as large as the rows routed, is transient and not counted). Under sequence parallelism a rank holds seq_len / sp tokens of each row and the state is
     sharded over dp x sp ranks; the blocks are traced at the slice length (Ulysses' full-sequence
     attention over heads / sp holds as many bytes as the slice over all heads; the halo keys and
     the gathered GLA states are not counted)."""
@@ -270,7 +295,7 @@ def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
         held[setting] = {"gradients": grads, "weight copies": weights, "activations, temporaries": live}
         peaks[setting] = state.params + state.optimizer + grads + weights + live
     sp = cfg.parallel.sp
-    return MemoryPlan(m.name, dp, sp, stage, dp * sp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b,
+    return MemoryPlan(m.name, dp, sp, cfg.parallel.ep, stage, dp * sp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b,
                       cfg.data.seq_len, b * t, "bf16" if setup.autocast else "fp32", state.params, state.grads, state.optimizer,
                       state.gathered, state.host, activations, logits, worst, held, peaks, peaks[cfg.train.recompute])
 
@@ -280,7 +305,7 @@ def smallest_dp(cfg, gpu_bytes: int, max_dp: int = 4096, device_type: str = "cud
     Sizes the batch does not split into (train.global_batch, train.micro_batch) are skipped."""
     t = cfg.train
     for dp in range(2 if cfg.parallel.offload_optimizer else 1, max_dp + 1):
-        if t.global_batch % dp or (t.micro_batch and (t.global_batch // dp) % t.micro_batch):
+        if t.global_batch % dp or (t.micro_batch and (t.global_batch // dp) % t.micro_batch) or dp % cfg.parallel.ep:
             continue
         state = _settings(cfg, dp, device_type)[3]
         if state.params + state.optimizer + state.final + state.step > gpu_bytes:
@@ -317,7 +342,7 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None) -> str:
             ("optimizer state (AdamW, fp32)", plan.optimizer),
             (f"gathered weights ({plan.compute_dtype})", plan.gathered_weights)]
     rows += [("host memory (offloaded state)", plan.host)] if plan.offload else []
-    lines = [f"{plan.model}: dp {plan.dp}, {zero}{', optimizer offload' if plan.offload else ''}, micro-batch "
+    lines = [f"{plan.model}: dp {plan.dp}{f' (ep {plan.ep})' if plan.ep > 1 else ''}, {zero}{', optimizer offload' if plan.offload else ''}, micro-batch "
              f"{plan.micro_batch} x {plan.seq_len}{f' / sp {plan.sp}' if plan.sp > 1 else ''} = "
              f"{plan.tokens_per_micro_batch:,} tokens, "
              f"{plan.compute_dtype} compute; {unit} per rank"]

@@ -69,10 +69,11 @@ class MetricsLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s%s%s",
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s%s%s%s",
                      step, self.max_steps, row["loss"], lr, grad_norm, f"{total_tokens:,}",
                      f"{row['tokens_per_s']:,.0f}",
                      f" | TFLOP/s/GPU {row['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in row else "",
                      f" | MFU {row['mfu']:.1%}" if "mfu" in row else "",
-                     f" | peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
+                     f" | peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "",
+                     f" | expert load max/mean {row['expert_load_max']:.2f}" if "expert_load_max" in row else "")
         return row

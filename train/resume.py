@@ -1,6 +1,7 @@
 """Finding and loading the checkpoint a run continues from (`train.resume`)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -96,10 +97,15 @@ def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
     check_model_config(path, cfg.model)
     shards = os.path.join(path, SHARDS_DIR)
     target = sharded_state(model, trainer.optimizer)  # this rank's shards, in the layout of this run
+    # The checkpoint keeps one rank's param_groups (non-tensor entries are written once), which
+    # under pipeline parallelism list only that rank's stage: keep this run's own groups (their
+    # hyperparameters come from this run's config; the learning rate is set every step).
+    groups = copy.deepcopy(target["optim"]["param_groups"])
     try:
         dcp.load(target, checkpoint_id=shards)  # reads only this rank's rows, resharding as needed
     except (Exception, CheckpointException) as e:  # damaged or missing shard files, tensors that do not fit the model
         raise ValueError(f"{shards}: cannot restore the model and optimizer ({_first_line(e)})") from None
+    target["optim"]["param_groups"] = groups
     options = StateDictOptions(strict=True)
     set_model_state_dict(model, target["model"], options=options)
     set_optimizer_state_dict(model, trainer.optimizer, target["optim"], options=options)

@@ -42,6 +42,14 @@ def batch_split(t, dp: int) -> tuple[int, int]:
     return local, micro
 
 
+class _Routed:
+    """What `Trainer._balance_loss` reads of a model output, for one pipeline stage's MoE layers."""
+
+    def __init__(self, router: list):
+        self.router = router
+        self.aux_loss = sum((s.balance_loss() for s in router), torch.zeros((), device=router[0].prob_sum.device))
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row)."""
 
@@ -74,6 +82,7 @@ class Trainer:
                                      device_peak_flops(mesh.device, t.peak_tflops), mesh.world_size)
         self.flops = ModelFlops(cfg.model)
         self.flops_since_log = 0  # this rank's model FLOPs since the last metrics row
+        self.load_since_log: torch.Tensor | None = None  # [MoE layers, E] routed slots, this rank
         self.autocast_dtype = compute_dtype(t.precision, mesh.device)
         self.global_balance = cfg.model.moe.balance == "global" and "moe" in cfg.model.ffns
         self.checkpointer = Checkpointer(t.run_dir, mesh, t.keep_checkpoints)
@@ -123,7 +132,8 @@ class Trainer:
                 self.metrics.add(loss, tokens)
                 if self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
                     row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen, self._take_flops(),
-                                             skipped_steps=self.skipped_steps, **self._device_metrics())
+                                             skipped_steps=self.skipped_steps, **self._device_metrics(),
+                                             **self._take_expert_load())
                     if row:
                         rows.append(row)
                 if self._stop_requested():
@@ -158,6 +168,22 @@ class Trainer:
         local, self.flops_since_log = self.flops_since_log, 0
         total = torch.tensor(float(local), dtype=torch.float64, device=self.mesh.device)
         return float(comm.all_reduce(total, group=self.mesh.dp_group))
+
+    def _take_expert_load(self) -> dict:
+        """Expert load since the last metrics row (one all-reduce per row): `expert_load`, per MoE
+        layer the share of routed (token, slot) pairs each expert got over the whole global
+        batch, and `expert_load_max`, the busiest expert's share over the mean share (1 =
+        balanced; E = one expert took everything), the largest over layers. {} without MoE."""
+        if "moe" not in self.cfg.model.ffns:
+            return {}
+        if self.load_since_log is None:  # a pipeline stage without MoE layers: the others' rows
+            self.load_since_log = torch.zeros(self.cfg.model.ffns.count("moe"), self.cfg.model.moe.num_experts,
+                                              device=self.mesh.device)
+        counts = comm.all_reduce(self.load_since_log, group=self.mesh.world_group)
+        self.load_since_log = None
+        share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        return {"expert_load": [[round(x, 5) for x in layer] for layer in share.tolist()],
+                "expert_load_max": round(float(share.max(dim=1).values.max()) * share.shape[1], 4)}
 
     def _count_skip(self, skipped: bool, loss: float, grad_norm: float) -> None:
         if not skipped:
@@ -212,8 +238,24 @@ class Trainer:
         n_micro = self.local_batch // self.micro_batch
         parts = [self._part({k: v[i * self.micro_batch:(i + 1) * self.micro_batch] for k, v in batch.items()})
                  for i in range(n_micro)]
+        if self.engine.pipeline is not None:
+            loss_sum = self._pipeline_step(parts, scale, n_micro)
+        else:
+            loss_sum = self._accumulate(parts, scale, n_micro)
+        grad_norm = self.engine.clip_grad_norm(self.cfg.train.grad_clip)
+        # the loss is known on the last pipeline stage (every rank without pipeline parallelism)
+        global_loss = float(comm.all_reduce(loss_sum, group=self.mesh.world_group) / num_targets.clamp(min=1))
+        skipped = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return global_loss, self.loader.tokens_per_step, grad_norm, skipped
+
+    def _accumulate(self, parts: list[dict], scale: torch.Tensor, n_micro: int) -> torch.Tensor:
+        """Forward and backward of every micro-batch, gradients accumulating; returns the summed
+        token loss of this rank's micro-batches."""
         step_load = self._step_expert_load(parts) if self.global_balance and n_micro > 1 else None
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=self.mesh.device)
         for i, part in enumerate(parts):
             self.engine.micro_batch(last=i == n_micro - 1)
             with self._autocast():
@@ -221,13 +263,38 @@ class Trainer:
                 loss = out.loss_sum * scale + self._balance_loss(out, step_load, n_micro)
             loss.backward()
             loss_sum += out.loss_sum.detach()
-        grad_norm = self.engine.clip_grad_norm(self.cfg.train.grad_clip)
-        global_loss = float(comm.all_reduce(loss_sum, group=self.mesh.dp_sp_group) / num_targets.clamp(min=1))
-        skipped = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return global_loss, self.loader.tokens_per_step, grad_norm, skipped
+            self._count_load(out.router, range(len(out.router)))
+        return loss_sum
+
+    def _pipeline_step(self, parts: list[dict], scale: torch.Tensor, n_micro: int) -> torch.Tensor:
+        """The step's micro-batches through this rank's pipeline stage (1F1B); returns the summed
+        token loss of this rank's micro-batches on the last stage, 0 elsewhere. Each stage adds
+        its MoE layers' balance loss of each micro-batch (model.moe.balance=micro)."""
+        stage = self.model
+
+        def balance(stats):
+            return self._balance_loss(_Routed(stats), None, n_micro)
+
+        stage.begin_step([p["ctx"] for p in parts], [p["labels"] for p in parts], scale, balance)
+        with self._autocast():
+            self.engine.pipeline.step(parts)
+        moe = [i for i, ffn in enumerate(self.cfg.model.ffns) if ffn == "moe"]
+        mine = [moe.index(i) for i in stage.block_ids if i in moe]
+        for stats in stage.router:
+            self._count_load(stats, mine)
+        if stage.last:
+            return torch.stack(stage.loss_sums).sum()
+        return torch.zeros((), device=self.mesh.device)
+
+    def _count_load(self, router: list, layers) -> None:
+        """Adds one forward's routed slots per expert (`router`: RouterStats of the MoE layers
+        numbered `layers` among the model's) to the expert load since the last metrics row."""
+        if not router:
+            return
+        if self.load_since_log is None:
+            n = self.cfg.model.ffns.count("moe")
+            self.load_since_log = torch.zeros(n, self.cfg.model.moe.num_experts, device=self.mesh.device)
+        self.load_since_log[list(layers)] += torch.stack([r.counts for r in router])
 
     def _part(self, part: dict) -> dict:
         """One micro-batch of full rows [b, T] (host tensors) -> this rank's inputs on the device

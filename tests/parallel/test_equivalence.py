@@ -49,11 +49,11 @@ def runs(setup):
     return out
 
 
-def assert_same(result, ref):
+def assert_same(result, ref, atol: float = 2e-5):
     assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert result["params"].keys() == ref["params"].keys()
     for name, p in ref["params"].items():
-        torch.testing.assert_close(result["params"][name], p, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(result["params"][name], p, rtol=0, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -62,5 +62,8 @@ def test_world_without_rendezvous(monkeypatch):
 def test_degrees_must_match_the_world(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with pytest.raises(ValueError, match=r"parallel.dp=3 x pp=1 x ep=1 x sp=1 does not match the world size 4"):
+    with pytest.raises(ValueError, match=r"parallel.dp=3 x parallel.pp=1 x parallel.sp=1 does not match the world size 4"):
         Mesh(ParallelConfig(dp=3), "cpu")
+    # expert parallelism is carved out of dp: it must divide it
+    with pytest.raises(ValueError, match=r"parallel.ep=3 must divide the data-parallel size 4"):
+        Mesh(ParallelConfig(ep=3), "cpu")

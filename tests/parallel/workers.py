@@ -28,6 +28,10 @@ def full_params(model: torch.nn.Module, main: bool) -> dict | None:
     return out if main else None
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def train(spec: dict) -> dict:
     """Builds (resuming when spec's run dir has a checkpoint) and trains. spec["stop_after"]:
     stop (and save) after that step as a stop signal would. Returns losses, the final step and,
@@ -35,7 +39,9 @@ def train(spec: dict) -> dict:
     cfg = make_config(spec)
     mesh = Mesh(cfg.parallel, "cpu")
     trainer = build(cfg, mesh)
-    initial = full_params(trainer.model, mesh.is_main)
+    # the first rank of each pipeline stage (of the whole world without pipeline parallelism)
+    main = mesh.coordinate("dp_sp") == 0
+    initial = full_params(trainer.model, main)
     if spec.get("stop_after") is not None:
         stop_after(trainer, spec["stop_after"])
     try:
@@ -43,8 +49,19 @@ def train(spec: dict) -> dict:
     finally:
         trainer.loader.close()
     return {"losses": [r["loss"] for r in rows], "steps": [r["step"] for r in rows], "step": trainer.step,
-            "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, mesh.is_main),
+            "expert_load": [r.get("expert_load") for r in rows],
+            "local_param_bytes": sum(_local(p).numel() * p.element_size() for p in trainer.model.parameters()),
+            "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, main),
             "compiled": compiled_regions(trainer.model)}
+
+
+def merged(results: list[dict]) -> dict:
+    """Every rank's result of `train` -> the first rank's, with the parameters ("initial",
+    "params") of all pipeline stages."""
+    out = dict(results[0])
+    for key in ("initial", "params"):
+        out[key] = {k: v for r in results if r[key] for k, v in r[key].items()}
+    return out
 
 
 def train_many(specs: list[dict]) -> list[dict]:
