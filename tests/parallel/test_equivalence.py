@@ -53,7 +53,7 @@ def assert_same(result, ref, atol: float = 2e-5):
     assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert result["params"].keys() == ref["params"].keys()
     for name, p in ref["params"].items():
-        torch.testing.assert_close(result["params"][name], p, rtol=0, atol=atol, msg=name)
+        torch.testing.assert_close(result["params"][name], p, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("model", MODELS)
