@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from ops.moe import grouped_swiglu, permute, unpermute
 from .layers import SwiGLU
@@ -63,9 +62,11 @@ class Experts(nn.Module):
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
-    """The experts of this rank: expert parallelism keeps the stacked weights as DTensors of the
-    full [E, ...] shape sharded over experts, whose local tensor is this rank's [E/ep, ...]."""
-    return w.to_local() if isinstance(w, DTensor) else w
+    """The experts held here. Expert parallelism (parallel/expert.py) keeps the stacked weights
+    as distributed tensors of the full [E, ...] shape, whose `to_local()` is this rank's
+    [E/ep, ...]; the model only relies on that method, not on torch.distributed."""
+    to_local = getattr(w, "to_local", None)
+    return w if to_local is None else to_local()
 
 
 @dataclass

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.moe import Experts
 from . import comm
+from .materialize import local
 
 
 class Engine:
@@ -71,20 +72,20 @@ class Engine:
         device (with expert parallelism the experts' blocks partition the whole expert tensors
         over the same ranks). Expert gradients are first brought to the dense weights' scale
         (divided by ep)."""
-        expert_grads = [_local(p.grad) for p in self.expert_params if p.grad is not None]
+        expert_grads = [local(p.grad) for p in self.expert_params if p.grad is not None]
         if expert_grads:
             torch._foreach_mul_(expert_grads, 1.0 / self.ep)
         params = [p for p in self.module.parameters() if p.grad is not None]
         if not self.sharded and self.pipeline is None:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-        local = [_local(p.grad) for p in params]
+        grads = [local(p.grad) for p in params]
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        for t in local:
+        for t in grads:
             squares += torch.linalg.vector_norm(t, dtype=torch.float32).to(self.device) ** 2
         norm = float(comm.all_reduce(squares, group=self.norm_group).sqrt())
         coef = max_norm / (norm + 1e-6)
         if max_norm > 0 and coef < 1:
-            torch._foreach_mul_(local, coef)
+            torch._foreach_mul_(grads, coef)
         return norm
 
 
@@ -115,10 +116,6 @@ def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offlo
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _is_experts(m) -> bool:
     """Whether `m` is the stacked routed experts of an MoE layer split over EP ranks."""
     return isinstance(m, Experts) and isinstance(m.gate_proj, DTensor)
@@ -134,8 +131,6 @@ def _shard_experts(experts: nn.Module, expert_mesh, reshard: bool, kwargs: dict)
     (the trainer multiplies by dp x sp / targets so that the dense weights' mean over dp x sp is
     the global-batch gradient): they come out ep times too large, and `Engine` divides them by
     ep after the backward (FSDP2's own divide factor is a PREMUL_SUM reduction gloo lacks)."""
-    local = experts.num_experts
-    ranks = expert_mesh.size()
-    dim = 0 if local % ranks == 0 else 1
+    dim = 0 if experts.num_experts % expert_mesh.size() == 0 else 1
     fully_shard(experts, reshard_after_forward=reshard, shard_placement_fn=lambda _p: Shard(dim),
                 **{**kwargs, "mesh": expert_mesh})

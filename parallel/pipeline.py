@@ -101,6 +101,8 @@ class Stage(nn.Module):
         super().__init__()
         self.cfg, self.first, self.last, self.act_dtype = decoder.cfg, first, last, act_dtype
         self.block_ids = list(layers)
+        moe = [i for i, ffn in enumerate(self.cfg.ffns) if ffn == "moe"]
+        self.moe_layers = [moe.index(i) for i in self.block_ids if i in moe]  # numbered among the model's
         self.embeddings = decoder.embeddings if first else None
         self.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in layers})
         self.norm = decoder.norm if last else None

@@ -176,10 +176,8 @@ class Trainer:
         balanced; E = one expert took everything), the largest over layers. {} without MoE."""
         if "moe" not in self.cfg.model.ffns:
             return {}
-        if self.load_since_log is None:  # a pipeline stage without MoE layers: the others' rows
-            self.load_since_log = torch.zeros(self.cfg.model.ffns.count("moe"), self.cfg.model.moe.num_experts,
-                                              device=self.mesh.device)
-        counts = comm.all_reduce(self.load_since_log, group=self.mesh.world_group)
+        # a pipeline stage without MoE layers contributes zeros to the other stages' rows
+        counts = comm.all_reduce(self._load_counts(), group=self.mesh.world_group)
         self.load_since_log = None
         share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
         return {"expert_load": [[round(x, 5) for x in layer] for layer in share.tolist()],
@@ -278,10 +276,8 @@ class Trainer:
         stage.begin_step([p["ctx"] for p in parts], [p["labels"] for p in parts], scale, balance)
         with self._autocast():
             self.engine.pipeline.step(parts)
-        moe = [i for i, ffn in enumerate(self.cfg.model.ffns) if ffn == "moe"]
-        mine = [moe.index(i) for i in stage.block_ids if i in moe]
         for stats in stage.router:
-            self._count_load(stats, mine)
+            self._count_load(stats, stage.moe_layers)
         if stage.last:
             return torch.stack(stage.loss_sums).sum()
         return torch.zeros((), device=self.mesh.device)
@@ -289,12 +285,15 @@ class Trainer:
     def _count_load(self, router: list, layers) -> None:
         """Adds one forward's routed slots per expert (`router`: RouterStats of the MoE layers
         numbered `layers` among the model's) to the expert load since the last metrics row."""
-        if not router:
-            return
+        if router:
+            self._load_counts()[list(layers)] += torch.stack([r.counts for r in router])
+
+    def _load_counts(self) -> torch.Tensor:
+        """The expert load since the last metrics row [MoE layers, E] (zeros when none yet)."""
         if self.load_since_log is None:
-            n = self.cfg.model.ffns.count("moe")
-            self.load_since_log = torch.zeros(n, self.cfg.model.moe.num_experts, device=self.mesh.device)
-        self.load_since_log[list(layers)] += torch.stack([r.counts for r in router])
+            m = self.cfg.model
+            self.load_since_log = torch.zeros(m.ffns.count("moe"), m.moe.num_experts, device=self.mesh.device)
+        return self.load_since_log
 
     def _part(self, part: dict) -> dict:
         """One micro-batch of full rows [b, T] (host tensors) -> this rank's inputs on the device

@@ -7,6 +7,7 @@ from torch.distributed.tensor import DTensor
 from data.config import DataConfig
 from parallel import Mesh, ParallelConfig
 from parallel.compile import compiled_regions
+from parallel.materialize import local
 from tests.helpers import model_config, stop_after
 from train import RunConfig, build
 from train.config import TrainConfig
@@ -28,10 +29,6 @@ def full_params(model: torch.nn.Module, main: bool) -> dict | None:
     return out if main else None
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
 def train(spec: dict) -> dict:
     """Builds (resuming when spec's run dir has a checkpoint) and trains. spec["stop_after"]:
     stop (and save) after that step as a stop signal would. Returns losses, the final step and,
@@ -50,7 +47,7 @@ def train(spec: dict) -> dict:
         trainer.loader.close()
     return {"losses": [r["loss"] for r in rows], "steps": [r["step"] for r in rows], "step": trainer.step,
             "expert_load": [r.get("expert_load") for r in rows],
-            "local_param_bytes": sum(_local(p).numel() * p.element_size() for p in trainer.model.parameters()),
+            "local_param_bytes": sum(local(p).numel() * p.element_size() for p in trainer.model.parameters()),
             "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, main),
             "compiled": compiled_regions(trainer.model)}
 
