@@ -4,9 +4,11 @@
     python launch/plan.py +model=sb76b parallel=zero3 --world 16 train.micro_batch=1 --json plan.json
 
 Takes the Hydra overrides of launch/pretrain.py. Prints, per rank: weights, gradients, optimizer
-state and gathered weights; for each recompute setting the activations, logits and loss, what the
+state and gathered weights (with pipeline parallelism per stage, and the 1F1B bubble); for each recompute setting the activations, logits and loss, what the
 worst moment of the step holds (gradients, weight copies, activations and temporaries), the peak
-and whether it fits the GPU; and the smallest data-parallel size that fits. Nothing is allocated:
+and whether it fits the GPU; the sequence-parallel and expert all-to-all traffic, how the ZeRO
+and expert groups lie over nodes (two-level collectives); and the smallest data-parallel size
+that fits. Nothing is allocated:
 the model runs on the meta device (parallel/plan.py; rules and checks in docs/PLANNER.md).
 """
 from __future__ import annotations
@@ -23,9 +25,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="launch/plan.py", usage="%(prog)s +model=NAME [overrides] [options]",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="models: " + ", ".join(available_models()))
-    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp x sp, as pp = 1; parallel.ep "
-                                                  "is carved out of dp (default: parallel.dp x parallel.sp, "
-                                                  "else sp x ep)")
+    parser.add_argument("--world", type=int, help="ranks to plan for: world = dp x pp x sp; parallel.ep "
+                                                  "is carved out of dp (default: parallel.dp x pp x sp, "
+                                                  "else ep x pp x sp)")
+    parser.add_argument("--ranks-per-node", type=int, default=0,
+                        help="GPUs per node, for how the groups lie over nodes (default parallel.ranks_per_node, "
+                             "else 8)")
     parser.add_argument("--gpu-mem-gib", type=float, default=141.0, help="memory of one GPU (default 141, an H200)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="the step's precision and kernels follow the device (default cuda)")
@@ -34,6 +39,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = [a for a in overrides if a.startswith("-")]
     if unknown:
         parser.error(f"unknown option {unknown[0]} (Hydra overrides look like train.micro_batch=1)")
+    if args.ranks_per_node < 0:
+        parser.error(f"--ranks-per-node must be >= 0, got {args.ranks_per_node}")
     if args.world is not None and args.world < 1:
         parser.error(f"--world must be >= 1, got {args.world}")
     if not args.gpu_mem_gib > 0:
@@ -76,6 +83,14 @@ def main(argv: list[str]) -> int:
         ep_bytes = expert_volume(cfg, plan.micro_batch * cfg.data.seq_len // par.sp, local // plan.micro_batch, element)
         print(f"expert all-to-all (ep {par.ep}): {ep_bytes / GiB:.2f} GiB sent per rank per step (balanced routing; "
               f"forward and backward, dispatch and combine)")
+    if world > 1:
+        from parallel.plan import node_layout
+
+        try:
+            print("\n".join(node_layout(cfg, world, args.ranks_per_node or par.ranks_per_node or min(world, 8),
+                                         ep_bytes)))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     try:
         check_fits(plan, gpu)
         print(f"train.recompute={plan.recompute} fits, {(gpu - plan.peak) / GiB:.1f} GiB to spare")

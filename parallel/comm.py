@@ -7,6 +7,8 @@ size 1 behaves the same. Inputs are never modified; a world of one may return th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -315,3 +317,123 @@ def linear_prefix(s: torch.Tensor, d: torch.Tensor, *, method: str = "gather", g
     for j in range(_rank(group)):
         h = decays[j] * h + states[j]
     return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-level collectives: a group laid over several nodes, inside a node first, then across.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Levels:
+    """A group spread over `nodes` nodes with `per_node` of its ranks on each, numbered node by
+    node (group rank g = node * per_node + local index). `local`: this rank's node's ranks of the
+    group; `rail`: the group's ranks with this rank's local index, one per node (`Mesh.levels`
+    builds them from `parallel.ranks_per_node`)."""
+
+    local: object
+    rail: object
+    nodes: int
+    per_node: int
+
+    @property
+    def size(self) -> int:
+        return self.nodes * self.per_node
+
+
+def regroup(rows: torch.Tensor, blocks: list[list[int]]) -> torch.Tensor:
+    """rows [M, *S] laid out as blocks[a][b] (a-major; blocks[a][b] rows each) -> the same
+    blocks b-major [M, *S]. split/cat: differentiable, no index tensor to build."""
+    A, B = len(blocks), len(blocks[0])
+    pieces = rows.split([n for row in blocks for n in row])
+    return torch.cat([pieces[a * B + b] for b in range(B) for a in range(A)])
+
+
+def _grid(flat: list[int], rows: int) -> list[list[int]]:
+    cols = len(flat) // rows
+    return [flat[r * cols:(r + 1) * cols] for r in range(rows)]
+
+
+def _sums(grid: list[list[int]]) -> list[int]:
+    return [sum(row) for row in grid]
+
+
+def _columns(grid: list[list[int]]) -> list[list[int]]:
+    return [list(col) for col in zip(*grid)]
+
+
+@dataclass
+class Route:
+    """The sizes of one uneven all-to-all over `group` (G ranks): `send[d]` rows go to group rank
+    d, `recv[s]` rows come from group rank s. With `levels` it runs in two levels: first inside
+    each node (every rank hands its node's peer l the rows for rank l of every node), then across
+    nodes between ranks of the same local index, which carry all of their node's rows for one
+    peer in one message. The bytes crossing nodes are the same as the flat exchange's, in
+    nodes - 1 messages per rank instead of G - per_node. `via[l][m]` (per_node x nodes): rows
+    this rank relays from its node's rank l to node m. Both directions are differentiable."""
+
+    send: list[int]
+    recv: list[int]
+    group: object = None
+    levels: Levels | None = None
+    via: list[list[int]] | None = None
+
+    def there(self, x: torch.Tensor) -> torch.Tensor:
+        """x [sum(send), *S] in destination order -> [sum(recv), *S] in source order."""
+        if self.levels is None:
+            return all_to_all(x, send_splits=self.send, recv_splits=self.recv, group=self.group)
+        lv = self.levels
+        by_node = _grid(self.send, lv.nodes)  # [m][l']: rows for rank l' of node m
+        x = all_to_all(regroup(x, by_node), send_splits=_sums(_columns(by_node)),
+                       recv_splits=_sums(self.via), group=lv.local)
+        return all_to_all(regroup(x, self.via), send_splits=_sums(_columns(self.via)),
+                          recv_splits=_sums(_grid(self.recv, lv.nodes)), group=lv.rail)
+
+    def back(self, y: torch.Tensor) -> torch.Tensor:
+        """The reverse exchange: y [sum(recv), *S] in source order -> [sum(send), *S] in
+        destination order (each row returns to the rank it came from, by the same path)."""
+        if self.levels is None:
+            return all_to_all(y, send_splits=self.recv, recv_splits=self.send, group=self.group)
+        lv = self.levels
+        by_node = _grid(self.send, lv.nodes)
+        y = all_to_all(y, send_splits=_sums(_grid(self.recv, lv.nodes)),
+                       recv_splits=_sums(_columns(self.via)), group=lv.rail)
+        y = all_to_all(regroup(y, _columns(self.via)), send_splits=_sums(self.via),
+                       recv_splits=_sums(_columns(by_node)), group=lv.local)
+        return regroup(y, _columns(by_node))
+
+
+def exchange_counts(counts: torch.Tensor, group=None, levels: Levels | None = None):
+    """counts [G, k] int64 (row d: what this rank sends group rank d, k numbers per rank) ->
+    (recv [G, k]: row s what group rank s sends this rank; via [per_node, nodes, k] or None: what
+    this rank relays in a two-level exchange, from its node's rank l to node m). Not
+    differentiable; no host sync (the caller reads both in one go)."""
+    if levels is None:
+        return all_to_all(counts, group=group), None
+    k = counts.shape[1]
+    lv = levels
+    # the even two-level exchange: [m][l'] -> [l'][m] -> local -> [l][m] -> [m][l] -> rail
+    via = _exchange(counts.view(lv.nodes, lv.per_node, k).transpose(0, 1).reshape(-1, k),
+                    [lv.nodes] * lv.per_node, [lv.nodes] * lv.per_node, lv.local)
+    recv = _exchange(via.view(lv.per_node, lv.nodes, k).transpose(0, 1).reshape(-1, k),
+                     [lv.per_node] * lv.nodes, [lv.per_node] * lv.nodes, lv.rail)
+    return recv, via.view(lv.per_node, lv.nodes, k)
+
+
+def reduce_scatter_two_level(out: torch.Tensor, x: torch.Tensor, levels: Levels, average: bool) -> None:
+    """out [c] = this rank's chunk of x [G * c] (chunks in group-rank order) summed over the group
+    (divided by G when `average`): a reduce-scatter inside the node ([per_node] pieces of
+    nodes x c), then across nodes on 1 / per_node of the data. Not differentiable."""
+    lv, c = levels, out.numel()
+    node = _scatter(x.view(lv.nodes, lv.per_node, c).transpose(0, 1).reshape(lv.per_node, -1), lv.local)
+    out.copy_(_scatter(node.view(lv.nodes, c), lv.rail).view_as(out))
+    if average:
+        out.div_(lv.size)
+
+
+def all_gather_two_level(out: torch.Tensor, x: torch.Tensor, levels: Levels) -> None:
+    """out [G * c] = every group rank's x [c] in group-rank order: an all-gather across nodes of
+    one chunk per rank, then inside the node of nodes x c. Not differentiable."""
+    lv = levels
+    rail = _gather(x, lv.rail)  # [nodes, c]
+    node = _gather(rail, lv.local)  # [per_node, nodes, c]
+    out.view(lv.nodes, lv.per_node, -1).copy_(node.transpose(0, 1))

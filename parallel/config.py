@@ -28,6 +28,15 @@ class ParallelConfig:
     sp_softmax: how softmax layers see the whole sequence: ulysses (all-to-all sequence <-> heads),
         halo (window layers only: the previous `window` keys/values from the ranks before) or auto
         (per layer, the one that sends fewer bytes).
+    ranks_per_node: ranks on each machine (0 = torchrun's LOCAL_WORLD_SIZE, i.e. its
+        --nproc-per-node); ranks r * n .. (r + 1) * n - 1 share node r. Setting it below the real
+        count simulates a cluster on one machine (the two-level collectives then run exactly as
+        across nodes).
+    two_level: where a group spans several nodes with several of its ranks on each (the expert
+        all-to-all, the ZeRO reduce-scatters and weight gathers), exchange inside each node first
+        and then across nodes between ranks of the same local index (`parallel.comm.Route`,
+        `reduce_scatter_two_level`): never more bytes across nodes, fewer and larger messages.
+        false keeps the flat NCCL/gloo collectives everywhere.
     """
 
     dp: int = 0
@@ -39,11 +48,16 @@ class ParallelConfig:
     backend: str = "auto"
     sp_linear: str = "lasp2"
     sp_softmax: str = "auto"
+    ranks_per_node: int = 0
+    two_level: bool = True
 
     def __post_init__(self):
         for key in ("pp", "ep", "sp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        if self.ranks_per_node < 0:
+            raise ValueError(f"parallel.ranks_per_node must be >= 0 (0 = torchrun's --nproc-per-node), "
+                             f"got {self.ranks_per_node}")
         if self.dp < 0:
             raise ValueError(f"parallel.dp must be >= 0 (0 = derive from the world size), got {self.dp}")
         if self.zero_stage != -1 and self.zero_stage not in ZERO_STAGES:

@@ -20,6 +20,9 @@ decoder block and the root holding the final norm and LM head):
 - 2: as 1, but gradients are reduce-scattered after every micro-batch (sharded accumulation).
 - 3: as 2, and each unit's gathered weights are freed after its forward and gathered again for
   its backward.
+Groups spanning several nodes (`Mesh.levels`): each unit's reduce-scatter and weight gather run
+in two levels (`TwoLevelReduceScatter`, `TwoLevelAllGather`: inside the node, then across nodes on
+1 / ranks-per-node of the data).
 Mixed precision (CUDA, `train.precision` auto/bf16): weights gathered in bf16, gradients reduced
 in fp32, master weights and AdamW state fp32. `parallel.offload_optimizer` keeps the sharded
 state in host memory and steps AdamW on the CPU (ZeRO-3, CUDA).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -89,8 +93,52 @@ class Engine:
         return norm
 
 
+class TwoLevelReduceScatter:
+    """FSDP2's reduce-scatter (`FSDPModule.set_custom_reduce_scatter`) in two levels over
+    `levels` (`parallel.comm.reduce_scatter_two_level`). FSDP2 asks for a sum or a mean."""
+
+    def __init__(self, levels: comm.Levels):
+        self.levels = levels
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        _check_group(group, self.levels)
+        if op not in (ReduceOp.SUM, ReduceOp.AVG):
+            raise ValueError(f"two-level reduce-scatter sums or averages; FSDP2 asked for {op}")
+        comm.reduce_scatter_two_level(output_tensor, input_tensor, self.levels, average=op == ReduceOp.AVG)
+
+
+class TwoLevelAllGather:
+    """FSDP2's weight all-gather (`FSDPModule.set_custom_all_gather`) in two levels over
+    `levels` (`parallel.comm.all_gather_two_level`)."""
+
+    def __init__(self, levels: comm.Levels):
+        self.levels = levels
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        _check_group(group, self.levels)
+        comm.all_gather_two_level(output_tensor, input_tensor, self.levels)
+
+
+def _check_group(group, levels: comm.Levels) -> None:
+    if group.size() != levels.size:
+        raise RuntimeError(f"two-level collective over {levels.nodes} x {levels.per_node} ranks called on a "
+                           f"group of {group.size()}")
+
+
+def _two_level(unit, levels: comm.Levels | None) -> None:
+    if levels is not None:
+        unit.set_custom_reduce_scatter(TwoLevelReduceScatter(levels))
+        unit.set_custom_all_gather(TwoLevelAllGather(levels))
+
+
 def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offload: bool,
-          expert_mesh=None) -> None:
+          expert_mesh=None, levels: comm.Levels | None = None, expert_levels: comm.Levels | None = None) -> None:
     """Applies FSDP2 to `model` (a Decoder, possibly on the meta device) in place.
 
     fsdp_mesh: 2-D (dp_replicate, dp_shard) mesh (replicas) or 1-D (the ranks sharding). Units:
@@ -98,7 +146,8 @@ def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offlo
     pipeline `Stage`, the parts it holds.
     expert_mesh: under expert parallelism (the experts' weights are DTensors over the EP mesh,
     `parallel.expert.shard_experts`), the ranks holding the same experts; each MoE layer's
-    experts become their own unit sharded over it, inside the block's unit."""
+    experts become their own unit sharded over it, inside the block's unit.
+    levels / expert_levels: the two meshes' node split (`Mesh.levels`), when they span nodes."""
     kwargs = {"mesh": fsdp_mesh}
     blocks = model.blocks() if hasattr(model, "blocks") else list(model.layers)  # a pipeline Stage or a Decoder
     if compute_dtype is not None:
@@ -108,12 +157,12 @@ def shard(model, fsdp_mesh, stage: int, compute_dtype: torch.dtype | None, offlo
     reshard = stage == 3
     # a tied embedding is the head's weight: it stays in the root
     if model.embeddings is not None and not model.cfg.tie_word_embeddings:
-        fully_shard(model.embeddings, reshard_after_forward=reshard, **kwargs)
+        _two_level(fully_shard(model.embeddings, reshard_after_forward=reshard, **kwargs), levels)
     for block in blocks:
         if expert_mesh is not None and _is_experts(getattr(block.mlp, "experts", None)):
-            _shard_experts(block.mlp.experts, expert_mesh, reshard, kwargs)
-        fully_shard(block, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard, **kwargs)
+            _two_level(_shard_experts(block.mlp.experts, expert_mesh, reshard, kwargs), expert_levels)
+        _two_level(fully_shard(block, reshard_after_forward=reshard, **kwargs), levels)
+    _two_level(fully_shard(model, reshard_after_forward=reshard, **kwargs), levels)
 
 
 def _is_experts(m) -> bool:
@@ -121,7 +170,7 @@ def _is_experts(m) -> bool:
     return isinstance(m, Experts) and isinstance(m.gate_proj, DTensor)
 
 
-def _shard_experts(experts: nn.Module, expert_mesh, reshard: bool, kwargs: dict) -> None:
+def _shard_experts(experts: nn.Module, expert_mesh, reshard: bool, kwargs: dict):
     """One FSDP2 unit for a layer's local experts, sharded over `expert_mesh` (the ranks holding
     them): along the expert dim when every rank gets whole experts, else along dim 1 (the
     projections' rows) so that no rank is left without a share.
@@ -132,5 +181,5 @@ def _shard_experts(experts: nn.Module, expert_mesh, reshard: bool, kwargs: dict)
     the global-batch gradient): they come out ep times too large, and `Engine` divides them by
     ep after the backward (FSDP2's own divide factor is a PREMUL_SUM reduction gloo lacks)."""
     dim = 0 if experts.num_experts % expert_mesh.size() == 0 else 1
-    fully_shard(experts, reshard_after_forward=reshard, shard_placement_fn=lambda _p: Shard(dim),
-                **{**kwargs, "mesh": expert_mesh})
+    return fully_shard(experts, reshard_after_forward=reshard, shard_placement_fn=lambda _p: Shard(dim),
+                       **{**kwargs, "mesh": expert_mesh})

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.moe import MoE
 from ops.moe import permute, unpermute
-from parallel.comm import all_to_all, group_size
+from parallel.comm import Levels, Route, exchange_counts, group_size, regroup
 
 
 def check_experts(num_experts: int, ep: int) -> int:
@@ -39,31 +39,22 @@ class AllToAllHandle:
     """What combine needs to send each result back and restore token order.
 
     order [N*k] int64: flat (token, slot) index of each permuted row (as in `permute`);
-    send_splits / recv_splits: rows sent to / received from each EP rank;
-    blocks[s][j]: rows received from EP rank s for local expert j.
+    route: the all-to-all's sizes (`parallel.comm.Route`: rows to / from each EP rank, and the
+    rows relayed when it runs in two levels); blocks[s][j]: rows received from EP rank s for
+    local expert j.
     """
 
     order: torch.Tensor
     num_tokens: int
-    send_splits: list[int]
-    recv_splits: list[int]
+    route: Route | None
     blocks: list[list[int]]
-
-
-def _regroup(rows: torch.Tensor, blocks: list[list[int]]) -> torch.Tensor:
-    """rows [M, D] laid out as blocks[a][b] (a-major) -> the same blocks b-major [M, D].
-
-    With blocks[s][j] this turns "by source, then local expert" into "by local expert, then
-    source"; with the transposed blocks it undoes that. split/cat: differentiable, no index
-    tensor to build, and the block sizes are on the host already."""
-    A, B = len(blocks), len(blocks[0])
-    pieces = rows.split([n for row in blocks for n in row])
-    return torch.cat([pieces[a * B + b] for b in range(B) for a in range(A)])
 
 
 class AllToAllDispatcher:
     """Dropless token all-to-all over the EP group `group` (None or a group of one: every
-    expert is local, and dispatch/combine are exactly LocalDispatcher's).
+    expert is local, and dispatch/combine are exactly LocalDispatcher's). `levels`: the group's
+    node split (`Mesh.levels("ep")`) when it spans several nodes; tokens then travel inside the
+    node first and cross nodes once per node pair (`parallel.comm.Route`).
 
     After each dispatch: `last_counts` [E] int64, the routed (token, slot) rows of *this rank's
     tokens* per global expert (summing it over the data-parallel ranks, EP ranks included, gives
@@ -73,8 +64,8 @@ class AllToAllDispatcher:
     also when it sends or receives no rows.
     """
 
-    def __init__(self, group=None):
-        self.group = group
+    def __init__(self, group=None, levels: Levels | None = None):
+        self.group, self.levels = group, levels
         self.ep = group_size(group)
         self.last_counts: torch.Tensor | None = None
         self.last_local_counts: torch.Tensor | None = None
@@ -93,20 +84,22 @@ class AllToAllDispatcher:
         self.last_counts = counts.detach()
         if self.ep == 1:
             self.last_local_counts = self.last_counts
-            return x_perm, counts, AllToAllHandle(order, x.shape[0], [], [], [])
+            return x_perm, counts, AllToAllHandle(order, x.shape[0], None, [])
         # row s of what arrives: the counts source rank s has for each of our local experts
-        recv_counts = all_to_all(counts.view(self.ep, local), group=self.group)  # [ep, E/ep]
-        host = torch.cat([counts, recv_counts.reshape(-1)]).tolist()  # the one host sync
-        mine, theirs = host[:num_experts], host[num_experts:]
-        send_splits = [sum(mine[d * local:(d + 1) * local]) for d in range(self.ep)]
+        recv_counts, via = exchange_counts(counts.view(self.ep, local), self.group, self.levels)  # [ep, E/ep]
+        parts = [counts, recv_counts.reshape(-1)] + ([] if via is None else [via.sum(-1).reshape(-1)])
+        host = torch.cat(parts).tolist()  # the one host sync
+        mine, theirs = host[:num_experts], host[num_experts:num_experts * 2]
+        send = [sum(mine[d * local:(d + 1) * local]) for d in range(self.ep)]
         blocks = [theirs[s * local:(s + 1) * local] for s in range(self.ep)]
-        recv_splits = [sum(row) for row in blocks]
+        relayed = None if via is None else [host[num_experts * 2:][r * self.levels.nodes:(r + 1) * self.levels.nodes]
+                                            for r in range(self.levels.per_node)]
+        route = Route(send, [sum(row) for row in blocks], self.group, self.levels, relayed)
         # x_perm is sorted by global expert, so rank d's rows are one contiguous piece
-        rows = all_to_all(x_perm, send_splits=send_splits, recv_splits=recv_splits, group=self.group)
+        rows = route.there(x_perm)
         local_counts = recv_counts.sum(0)
         self.last_local_counts = local_counts.detach()
-        return (_regroup(rows, blocks), local_counts,
-                AllToAllHandle(order, x.shape[0], send_splits, recv_splits, blocks))
+        return regroup(rows, blocks), local_counts, AllToAllHandle(order, x.shape[0], route, blocks)
 
     def combine(self, y_rows, handle: AllToAllHandle, topk_weight):
         """y_rows [M, D] (dispatch's layout) -> [N, D]: results back to their token's rank, then
@@ -114,13 +107,12 @@ class AllToAllDispatcher:
         y_rows and topk_weight."""
         if self.ep == 1:
             return unpermute(y_rows, handle.order, topk_weight)
-        by_source = _regroup(y_rows, [list(col) for col in zip(*handle.blocks)])
-        y_perm = all_to_all(by_source, send_splits=handle.recv_splits, recv_splits=handle.send_splits,
-                            group=self.group)
+        y_perm = handle.route.back(regroup(y_rows, [list(col) for col in zip(*handle.blocks)]))
         return unpermute(y_perm, handle.order, topk_weight)
 
 
-def shard_experts(moe: MoE, ep: DeviceMesh | dist.ProcessGroup | None = None) -> AllToAllDispatcher:
+def shard_experts(moe: MoE, ep: DeviceMesh | dist.ProcessGroup | None = None,
+                  levels: Levels | None = None) -> AllToAllDispatcher:
     """Keeps only this EP rank's experts in `moe` and installs the all-to-all dispatcher.
 
     ep: the 1-D expert-parallel mesh (the training engine: the weights become DTensors of the
@@ -130,7 +122,8 @@ def shard_experts(moe: MoE, ep: DeviceMesh | dist.ProcessGroup | None = None) ->
 
     The Experts weights gate/up [E, F, D] and down [E, D, F] become new nn.Parameters holding
     rows [r * E/ep, (r+1) * E/ep) (copies, so the full model they came from stays intact; meta
-    tensors stay meta). The router and shared expert stay whole. Returns the dispatcher."""
+    tensors stay meta). The router and shared expert stay whole. levels: the EP group's node
+    split (two-level all-to-all), if any. Returns the dispatcher."""
     mesh = ep if isinstance(ep, DeviceMesh) else None
     group = mesh.get_group() if mesh is not None else ep
     size = group_size(group)
@@ -146,7 +139,7 @@ def shard_experts(moe: MoE, ep: DeviceMesh | dist.ProcessGroup | None = None) ->
             part = DTensor.from_local(part, mesh, [Shard(0)], run_check=False, shape=full.shape,
                                       stride=full.stride())
         setattr(moe.experts, name, nn.Parameter(part, requires_grad=full.requires_grad))
-    moe.dispatcher = AllToAllDispatcher(group)
+    moe.dispatcher = AllToAllDispatcher(group, levels)
     return moe.dispatcher
 
 
@@ -160,7 +153,7 @@ def shard_all_experts(model, mesh) -> list[AllToAllDispatcher]:
                          f"ffn) to split over expert-parallel ranks; set parallel.ep=1")
     check_experts(layers[0].num_experts, mesh.ep)
     ep_mesh = mesh.submesh("ep")
-    return [shard_experts(moe, ep_mesh) for moe in layers]
+    return [shard_experts(moe, ep_mesh, mesh.levels("ep")) for moe in layers]
 
 
 def step_volume(cfg, tokens: int, micro_batches: int, element: int) -> int:

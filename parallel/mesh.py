@@ -14,6 +14,13 @@ every rank of a pipeline stage (losses, counts) and `pp_shard` (pp x shard) ever
 distinct piece of the state (the global gradient norm). A rank's data coordinate, and the groups the
 trainer talks over, come from the mesh, never from the global rank.
 
+Nodes: ranks r * n .. (r + 1) * n - 1 share node r (n = `parallel.ranks_per_node`, torchrun's
+--nproc-per-node by default; sp, then ep, are the innermost axes, so those groups stay inside a
+node while they fit). `levels(axis)` splits a group that spans several nodes, with several of its
+ranks on each, into its node-local and cross-node subgroups for the two-level collectives of
+`parallel.comm` (expert all-to-all, ZeRO reduce-scatter and gathers); None where the group lies
+inside one node, has one rank per node, or `parallel.two_level=false`.
+
 A process started by `torchrun` joins the default process group (NCCL on CUDA, gloo on CPU); a
 plain `python` process is a world of one without any process group, and takes the same code path
 (every collective in `parallel.comm` is then the identity).
@@ -21,12 +28,14 @@ plain `python` process is a world of one without any process group, and takes th
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .comm import Levels
 from .config import ParallelConfig
 
 AXES = ("pp", "dp_replicate", "dp_shard", "ep", "sp")
@@ -45,6 +54,8 @@ class Mesh:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = _pick_device(device, self.local_rank)
         dp = check_layout(cfg, self.world_size)
+        self.ranks_per_node = node_size(cfg, self.world_size)
+        self.nodes = self.world_size // self.ranks_per_node
         self.dp, self.pp, self.ep, self.sp = dp, cfg.pp, cfg.ep, cfg.sp
         self.zero_stage = cfg.stage_for(dp * cfg.sp)
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
@@ -64,6 +75,13 @@ class Mesh:
                                                 mesh_dim_names=AXES)
             for name, axes in FLAT.items():
                 self._flat[name] = self.device_mesh[axes]._flatten(name)
+        self._levels: dict[str, Levels] = {}
+        if self.device_mesh is not None and cfg.two_level and self.nodes > 1:
+            # every rank builds every subgroup, in the same order (group creation is collective)
+            for axis in (("shard",) if self.zero_stage >= 1 else ()) + (("ep", "expert_shard") if self.ep > 1 else ()):
+                levels = _split_by_node(self.device_mesh.mesh, axis_dims(axis), self.ranks_per_node)
+                if levels is not None:
+                    self._levels[axis] = levels
 
     def coordinate(self, axis: str) -> int:
         """This rank's index along `axis` (0 in a world of one)."""
@@ -76,6 +94,11 @@ class Mesh:
         if self.device_mesh is None:
             return None
         return self._flat[axis].get_group() if axis in self._flat else self.device_mesh.get_group(axis)
+
+    def levels(self, axis: str) -> Levels | None:
+        """The node-local and cross-node subgroups of this rank's `axis` group, when it spans
+        several nodes with several of its ranks on each (else None: the flat group is used)."""
+        return self._levels.get(axis)
 
     @property
     def world_group(self):
@@ -171,6 +194,56 @@ def check_layout(cfg: ParallelConfig, world_size: int) -> int:
                          f"parallelism is carved out of data parallelism: world {world_size} / "
                          f"(pp={cfg.pp} x sp={cfg.sp}))")
     return dp
+
+
+def node_size(cfg: ParallelConfig, world_size: int) -> int:
+    """Ranks per node: `parallel.ranks_per_node`, else torchrun's LOCAL_WORLD_SIZE (its
+    --nproc-per-node), else the whole world; ValueError when it does not divide the world."""
+    n = cfg.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % n:
+        raise ValueError(f"parallel.ranks_per_node={n} does not divide the world size {world_size}: every node "
+                         f"must hold the same number of ranks")
+    return n
+
+
+def node_blocks(ranks: torch.Tensor, dims: list[int], per_node: int) -> torch.Tensor | None:
+    """The groups along mesh `dims` (ranks: the world mesh of global ranks) split by node, as
+    [groups, nodes, ranks per node] of global ranks; None unless every group is whole blocks of
+    >= 2 ranks on each of >= 2 nodes (then the flat collectives are used)."""
+    other = [d for d in range(ranks.dim()) if d not in dims]
+    rows = ranks.permute(*other, *dims).reshape(-1, math.prod(ranks.shape[d] for d in dims))  # one group per row
+    node = rows // per_node
+    size = rows.shape[1]
+    on_first = int((node[0] == node[0, 0]).sum())
+    if on_first < 2 or on_first == size or size % on_first:
+        return None
+    grid = node.view(rows.shape[0], size // on_first, on_first)
+    if not bool((grid == grid[:, :, :1]).all()) or not bool((grid[:, 1:, 0] > grid[:, :-1, 0]).all()):
+        return None
+    return rows.view(rows.shape[0], size // on_first, on_first)
+
+
+def world_ranks(cfg: ParallelConfig, world_size: int) -> tuple[torch.Tensor, int]:
+    """(the world's global ranks laid out as the mesh axes `AXES`, the ZeRO stage) of `cfg` on
+    `world_size` ranks, as `Mesh` builds it (for the planner: no process group needed)."""
+    dp = check_layout(cfg, world_size)
+    stage = cfg.stage_for(dp * cfg.sp)
+    replicate, shard = (dp, 1) if stage == 0 else (1, dp // cfg.ep)
+    return torch.arange(world_size).view(cfg.pp, replicate, shard, cfg.ep, cfg.sp), stage
+
+
+def axis_dims(axis: str) -> list[int]:
+    return [AXES.index(a) for a in FLAT.get(axis, (axis,))]
+
+
+def _split_by_node(ranks: torch.Tensor, dims: list[int], per_node: int) -> Levels | None:
+    """Levels of this rank's group along mesh `dims` (`node_blocks`), its subgroups built."""
+    blocks = node_blocks(ranks, dims, per_node)
+    if blocks is None:
+        return None
+    local, _ = dist.new_subgroups_by_enumeration([b.tolist() for g in blocks for b in g])
+    rail, _ = dist.new_subgroups_by_enumeration([b.tolist() for g in blocks.transpose(1, 2) for b in g])
+    return Levels(local, rail, blocks.shape[1], blocks.shape[2])
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:

@@ -51,7 +51,8 @@ def parallelize(model: torch.nn.Module, mesh: Mesh, cfg) -> Engine:
     apply_recompute(model.blocks() if mesh.pp > 1 else model.layers, cfg.train.recompute)
     if sharded:  # SP ranks hold the same weights: they shard them like data-parallel ranks
         shard(model, mesh.fsdp_mesh(), mesh.zero_stage, dtype, offload,
-              expert_mesh=mesh.expert_mesh() if mesh.ep > 1 else None)
+              expert_mesh=mesh.expert_mesh() if mesh.ep > 1 else None,
+              levels=mesh.levels("shard"), expert_levels=mesh.levels("expert_shard"))
     pipeline = None
     if mesh.pp > 1:
         pipeline = Pipeline(model, mesh.pp_rank, mesh.pp, mesh.pp_group, mesh.device, local // micro, micro,

@@ -147,7 +147,9 @@ class Stage(nn.Module):
         if stats:
             aux = aux + self._balance(stats).reshape(1)
         if not self.last:
-            return h.reshape(1, -1, h.shape[-1]).to(self.act_dtype), aux
+            # a fresh tensor, not a view of the last block's output: FSDP2 warns on every step
+            # about views returned by a unit (in-place ops on them would skip its pre-backward hook)
+            return h.reshape(1, -1, h.shape[-1]).to(self.act_dtype, copy=True), aux
         loss_sum = Decoder.head_loss(self, h, self._labels[i])
         self.loss_sums.append(loss_sum.detach())
         return (loss_sum * self._scale).reshape(1) + aux

@@ -11,6 +11,7 @@ docs/PLANNER.md lists the rules and how each was checked.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,11 @@ from torch import nn
 
 from model import build_model
 from model.moe import Experts
+from .pipeline import Stage, check_pipeline, cut_stages
 from .plan_trace import LiveBytes, Piece, Setup, balance, trace
 from .recompute import MODES
 
-__all__ = ["GiB", "LiveBytes", "MemoryPlan", "balance", "check_fits", "format_plan", "plan_memory", "smallest_dp"]
+__all__ = ["GiB", "LiveBytes", "MemoryPlan", "balance", "check_fits", "format_plan", "plan_memory", "smallest_dp", "bubble"]
 
 GiB = 2 ** 30
 
@@ -91,6 +93,10 @@ class MemoryPlan:
     held: dict[str, dict[str, int]]  # at it: "gradients", "weight copies", "activations, temporaries"
     peaks: dict[str, int]
     peak: int
+    pp: int = 1                  # pipeline stages; the numbers above are the stage with the highest peak
+    micro_batches: int = 1       # per rank and optimizer step
+    bubble: float = 0.0          # 1F1B idle share of the step, (pp - 1) / (micro_batches + pp - 1)
+    stages: list = dataclasses.field(default_factory=list)  # pp > 1: per stage its layers and bytes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,8 +128,9 @@ def _state(model: nn.Module, stage: int, dp: int, offload: bool, c: int, accumul
     Under expert parallelism (ep > 1) a rank holds E / ep experts of each MoE layer, sharded over
     the dp / ep ranks holding the same ones (parallel/engine.py: by experts when they divide
     evenly, else by rows of dim 1); they count in their block's unit."""
-    tied = model.lm_head is None
-    parts = [list(b.parameters()) for b in model.layers[::-1]] + ([] if tied else [list(model.embeddings.parameters())])
+    blocks = model.blocks() if hasattr(model, "blocks") else list(model.layers)  # a pipeline Stage or a Decoder
+    embedded = model.embeddings is not None and not model.cfg.tie_word_embeddings  # its own unit
+    parts = [list(b.parameters()) for b in blocks[::-1]] + ([list(model.embeddings.parameters())] if embedded else [])
     inner = {id(p) for u in parts for p in u}
     parts.insert(0, [p for p in model.parameters() if id(p) not in inner])
     experts = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()} if ep > 1 else set()
@@ -143,7 +150,7 @@ def _state(model: nn.Module, stage: int, dp: int, offload: bool, c: int, accumul
                                                          [p.ndim >= 2 for p in model.parameters()])
     if dp == 1:  # no engine: fp32 weights, gradients (the trace's own) and moments
         # autocast casts the weights of matmul-like ops; the embedding lookup reads the fp32 table
-        casts = tuple(c * n for n in units[:len(units) - (not tied)]) + (0,) * (not tied) if c == 2 else ()
+        casts = tuple(c * n for n in units[:len(units) - embedded]) + (0,) * embedded if c == 2 else ()
         return _State(4 * total, 4 * total, 8 * total, sum(casts), 0, tuple(4 * n for n in units),
                       (0,) * len(units), casts, 4 * total, step, accumulate)
     # A unit's gradient leaves its fp32 shard (all of it at stage 0, replicated; in host memory
@@ -233,11 +240,9 @@ def _timeline(layers: list[Piece], head: Piece, r: int, state: _State, recompute
 
 
 def _settings(cfg, dp: int, device_type: str):
-    """Checks what the planner covers; returns (micro-batch, setup, ZeRO stage, _State)."""
+    """Checks what the planner covers; returns (micro-batch, setup, ZeRO stage, the step's
+    micro-batches per rank)."""
     par, train = cfg.parallel, cfg.train
-    if par.pp != 1:
-        raise ValueError(f"parallel.pp={par.pp}: the planner counts data, expert and sequence parallelism "
-                         "only (parallel.pp = 1)")
     sp, ep = par.sp, par.ep
     if dp % ep:
         raise ValueError(f"parallel.ep={ep} must divide the data-parallel size {dp}")
@@ -265,54 +270,149 @@ def _settings(cfg, dp: int, device_type: str):
     if local % (train.micro_batch or local):
         raise ValueError(f"train.micro_batch={train.micro_batch} must divide the per-rank batch {local} "
                          f"(train.global_batch={train.global_batch} / dp={dp})")
+    micro = train.micro_batch or local
+    check_pipeline(cfg, par.pp, local // micro)
     # sequence-parallel ranks shard the state with the data-parallel ones
-    stage, micro = par.stage_for(dp * sp), train.micro_batch or local
-    state = _state(_meta_model(cfg.model, torch.float32), stage, dp * sp, par.offload_optimizer, 2 if bf16 else 4,
-                   micro < local, device_type == "cuda", ep)
-    return micro, setup, stage, state
+    return micro, setup, par.stage_for(dp * sp), local // micro
+
+
+def _parts(cfg, dp: int, device_type: str) -> list[tuple[nn.Module, range, bool, bool]]:
+    """(the model part a rank holds, its blocks, first, last) for each pipeline stage (one
+    part, the whole decoder, without pipeline parallelism): `parallel.pipeline.cut_stages`."""
+    model, pp = _meta_model(cfg.model, torch.float32), cfg.parallel.pp
+    if pp == 1:
+        return [(model, range(cfg.model.num_layers), True, True)]
+    bounds = cut_stages(cfg.model, cfg.data.seq_len, pp)
+    return [(Stage(model, r, k == 0, k == pp - 1, torch.float32), r, k == 0, k == pp - 1) for k, r in enumerate(bounds)]
+
+
+def _stage_head(head: Piece, first: bool, last: bool, residual: int) -> Piece:
+    """The head piece (embedding + head + loss) cut to what a pipeline stage runs: the last
+    stage the head and loss, the first the embedding lookup (its output the residual) and its
+    backward, a middle stage neither."""
+    if first and last:
+        return head
+    if last:
+        return dataclasses.replace(head, embed_peak=0, embed_grads=0)
+    embed = head.embed_peak if first else 0
+    return Piece(kept=0, keeps_input=False, keeps_output=False, rope=0, fwd_peak=residual * first, bwd_peak=0,
+                 bwd_grad_peak=0, bwd_grads=0, acc_peak=embed, embed_peak=embed, embed_grads=head.embed_grads * first)
+
+
+def bubble(pp: int, micro_batches: int) -> float:
+    """The idle share of a 1F1B step over equal stages: (pp - 1) / (micro_batches + pp - 1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
 
 
 def plan_memory(cfg, dp: int, device_type: str = "cuda") -> MemoryPlan:
-    """cfg: train.config.RunConfig; dp: data-parallel size (world / parallel.sp, as pp = 1; expert
-    parallelism is carved out of it).
+    """cfg: train.config.RunConfig; dp: data-parallel size (world / (parallel.pp x parallel.sp);
+    expert parallelism is carved out of it).
 
     Under expert parallelism a rank gathers and holds state for E / ep experts per MoE layer; the
     activations are those of one device with balanced routing (the all-to-all's receive buffer,
     as large as the rows routed, is transient and not counted). Under sequence parallelism a rank holds seq_len / sp tokens of each row and the state is
     sharded over dp x sp ranks; the blocks are traced at the slice length (Ulysses' full-sequence
     attention over heads / sp holds as many bytes as the slice over all heads; the halo keys and
-    the gathered GLA states are not counted)."""
-    b, setup, stage, state = _settings(cfg, dp, device_type)
-    m, t = cfg.model, cfg.data.seq_len // cfg.parallel.sp
+    the gathered GLA states are not counted).
+
+    Under pipeline parallelism every stage is planned on its own (`stages`: its blocks, state,
+    activations and peak): its blocks' state, the embeddings on the first, the head and loss on
+    the last; 1F1B holds the activations of min(pp - stage, micro-batches) micro-batches at
+    once on a stage (stage 0 the most), counted as that many times one micro-batch's activations
+    at the end of its forward, on top of the moments of the one in backward (the hidden states
+    received and sent, one [B, T, hidden] each, are not counted). The plan's own numbers are those
+    of the stage with the highest peak."""
+    b, setup, stage, micro_batches = _settings(cfg, dp, device_type)
+    par, m, t = cfg.parallel, cfg.model, cfg.data.seq_len // cfg.parallel.sp
     residual = b * t * m.hidden_size * setup.weights.itemsize
-    activations, worst, held, peaks = {}, {}, {}, {}
-    for setting in MODES:
-        *layers, head = _pieces(m, setup, b, t, setting)
-        logits = max(head.fwd_peak, head.bwd_peak)
-        activations[setting], moments = _timeline(layers, head, residual, state, setting)
-        name, live, grads, weights = max(moments, key=lambda moment: sum(moment[1:]))
-        worst[setting] = name
-        held[setting] = {"gradients": grads, "weight copies": weights, "activations, temporaries": live}
-        peaks[setting] = state.params + state.optimizer + grads + weights + live
-    sp = cfg.parallel.sp
-    return MemoryPlan(m.name, dp, sp, cfg.parallel.ep, stage, dp * sp > 1, cfg.parallel.offload_optimizer, cfg.train.recompute, b,
-                      cfg.data.seq_len, b * t, "bf16" if setup.autocast else "fp32", state.params, state.grads, state.optimizer,
-                      state.gathered, state.host, activations, logits, worst, held, peaks, peaks[cfg.train.recompute])
+    c, accumulate = 2 if setup.autocast else 4, micro_batches > 1
+    plans = []
+    for k, (part, blocks, first, last) in enumerate(_parts(cfg, dp, device_type)):
+        state = _state(part, stage, dp * par.sp, par.offload_optimizer, c, accumulate, device_type == "cuda", par.ep)
+        in_flight = min(par.pp - k, micro_batches)
+        activations, worst, held, peaks, logits = {}, {}, {}, {}, 0
+        for setting in MODES:
+            *layers, head = _pieces(m, setup, b, t, setting)
+            head = _stage_head(head, first, last, residual)
+            logits = max(head.fwd_peak, head.bwd_peak) if last else 0
+            kept, moments = _timeline([layers[i] for i in blocks], head, residual, state, setting)
+            waiting = (in_flight - 1) * kept  # the other micro-batches' activations, 1F1B
+            name, live, grads, weights = max(moments, key=lambda moment: sum(moment[1:]))
+            activations[setting], worst[setting] = kept * in_flight, name
+            held[setting] = {"gradients": grads, "weight copies": weights, "activations, temporaries": live + waiting}
+            peaks[setting] = state.params + state.optimizer + grads + weights + live + waiting
+        plans.append(MemoryPlan(m.name, dp, par.sp, par.ep, stage, dp * par.sp > 1, par.offload_optimizer,
+                                cfg.train.recompute, b, cfg.data.seq_len, b * t, "bf16" if setup.autocast else "fp32",
+                                state.params, state.grads, state.optimizer, state.gathered, state.host, activations,
+                                logits, worst, held, peaks, peaks[cfg.train.recompute], pp=par.pp,
+                                micro_batches=micro_batches, bubble=bubble(par.pp, micro_batches)))
+        plans[-1].stages = [{"stage": k, "layers": [blocks.start, blocks.stop], "in_flight": in_flight,
+                             "params": state.params, "optimizer": state.optimizer, "gradients": state.grads,
+                             "gathered_weights": state.gathered, "peaks": peaks}]
+    worst_stage = max(plans, key=lambda p: p.peak)
+    worst_stage.stages = [p.stages[0] for p in plans] if par.pp > 1 else []
+    return worst_stage
 
 
 def smallest_dp(cfg, gpu_bytes: int, max_dp: int = 4096, device_type: str = "cuda") -> int | None:
     """The smallest data-parallel size whose peak fits `gpu_bytes` (None if none up to max_dp).
-    Sizes the batch does not split into (train.global_batch, train.micro_batch) are skipped."""
+    Sizes the batch does not split into (train.global_batch, train.micro_batch, the pipeline's
+    micro-batches) are skipped."""
     t = cfg.train
     for dp in range(2 if cfg.parallel.offload_optimizer else 1, max_dp + 1):
         if t.global_batch % dp or (t.micro_batch and (t.global_batch // dp) % t.micro_batch) or dp % cfg.parallel.ep:
             continue
-        state = _settings(cfg, dp, device_type)[3]
-        if state.params + state.optimizer + state.final + state.step > gpu_bytes:
-            continue  # the state alone does not fit: no need to trace activations
+        try:
+            _, setup, stage, micro_batches = _settings(cfg, dp, device_type)
+        except ValueError:
+            continue  # e.g. too few micro-batches to fill the pipeline
+        states = [_state(part, stage, dp * cfg.parallel.sp, cfg.parallel.offload_optimizer, 2 if setup.autocast else 4,
+                         micro_batches > 1, device_type == "cuda", cfg.parallel.ep)
+                  for part, *_ in _parts(cfg, dp, device_type)]
+        if max(s.params + s.optimizer + s.final + s.step for s in states) > gpu_bytes:
+            continue  # the state alone does not fit on some stage: no need to trace activations
         if plan_memory(cfg, dp, device_type).peak <= gpu_bytes:
             return dp
     return None
+
+
+def node_layout(cfg, world: int, ranks_per_node: int, ep_bytes: int = 0) -> list[str]:
+    """How each group the two-level collectives cover lies over nodes of `ranks_per_node` ranks
+    (parallel/mesh.py lays them out), for `launch/plan.py`: the ZeRO group (reduce-scatters and
+    weight gathers), the expert all-to-all (with `ep_bytes`, what a rank sends in a step, and
+    the share of it that crosses nodes) and the expert-data-parallel group."""
+    from .mesh import axis_dims, node_blocks, world_ranks
+
+    par = cfg.parallel
+    ranks, stage = world_ranks(par, world)
+    if world % ranks_per_node:
+        raise ValueError(f"parallel.ranks_per_node={ranks_per_node} does not divide the world size {world}")
+    nodes = world // ranks_per_node
+    lines = [f"nodes: {nodes} x {ranks_per_node} ranks (parallel.ranks_per_node), two-level collectives "
+             f"{'on' if par.two_level else 'off (parallel.two_level=false)'}"]
+    axes = ([("shard", "ZeRO reduce-scatter / weight gathers")] if stage >= 1 else [])
+    axes += [("ep", "expert all-to-all"), ("expert_shard", "expert ZeRO group")] if par.ep > 1 else []
+    for axis, what in axes:
+        dims = axis_dims(axis)
+        size = math.prod(ranks.shape[d] for d in dims)
+        if size == 1:
+            continue
+        blocks = node_blocks(ranks, dims, ranks_per_node)
+        span = len({int(r) // ranks_per_node for r in ranks.permute(*[d for d in range(5) if d not in dims], *dims)
+                    .reshape(-1, size)[0]})
+        if blocks is None:
+            how = "inside one node" if span == 1 else f"{span} nodes, flat"
+        else:
+            n, per = blocks.shape[1:]
+            how = (f"{n} nodes x {per}: two-level" if par.two_level else f"{n} nodes x {per}: flat") + \
+                  (f" ({n - 1} cross-node messages per rank and exchange instead of {size - per})"
+                   if axis == "ep" else f" (across nodes on 1/{per} of the data)")
+        extra = ""
+        if axis == "ep" and ep_bytes and span > 1:
+            per_node_ranks = size // span
+            extra = f"; {ep_bytes * (size - per_node_ranks) / (size - 1) / GiB:.2f} GiB per rank per step cross nodes"
+        lines.append(f"  {what} over {size} ranks: {how}{extra}")
+    return lines
 
 
 def check_fits(plan: MemoryPlan, gpu_bytes: int) -> None:
@@ -342,7 +442,7 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None) -> str:
             ("optimizer state (AdamW, fp32)", plan.optimizer),
             (f"gathered weights ({plan.compute_dtype})", plan.gathered_weights)]
     rows += [("host memory (offloaded state)", plan.host)] if plan.offload else []
-    lines = [f"{plan.model}: dp {plan.dp}{f' (ep {plan.ep})' if plan.ep > 1 else ''}, {zero}{', optimizer offload' if plan.offload else ''}, micro-batch "
+    lines = [f"{plan.model}: {f'pp {plan.pp}, ' if plan.pp > 1 else ''}dp {plan.dp}{f' (ep {plan.ep})' if plan.ep > 1 else ''}, {zero}{', optimizer offload' if plan.offload else ''}, micro-batch "
              f"{plan.micro_batch} x {plan.seq_len}{f' / sp {plan.sp}' if plan.sp > 1 else ''} = "
              f"{plan.tokens_per_micro_batch:,} tokens, "
              f"{plan.compute_dtype} compute; {unit} per rank"]
@@ -357,4 +457,14 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None) -> str:
         lines.append(f"{f'fits {gpu_bytes / GiB:g} GiB':36}" + "".join(
             f"{'yes' if plan.peaks[s] <= gpu_bytes else 'no':>11}" for s in MODES))
     lines.append("worst moment: " + "; ".join(f"{s} {plan.worst[s]}" for s in MODES))
+    if plan.stages:
+        lines.append(f"pipeline: {plan.pp} stages, 1F1B over {plan.micro_batches} micro-batches, bubble "
+                     f"{100 * plan.bubble:.1f}% of the step; per stage ({unit}, train.recompute={plan.recompute}):")
+        lines.append(f"{'stage':>6}{'layers':>9}{'in flight':>10}{'state':>11}{'gradients':>11}{'weights':>11}"
+                     f"{'peak':>11}")
+        lines += [f"{st['stage']:>6}{'%d-%d' % (st['layers'][0], st['layers'][1] - 1):>9}{st['in_flight']:>10}"
+                  f"{g(st['params'] + st['optimizer'])}{g(st['gradients'])}{g(st['gathered_weights'])}"
+                  f"{g(st['peaks'][plan.recompute])}" for st in plan.stages]
+        lines.append(f"the rows above are stage {max(plan.stages, key=lambda st: st['peaks'][plan.recompute])['stage']}"
+                     f", the highest peak")
     return "\n".join(lines)

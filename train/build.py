@@ -88,12 +88,7 @@ def check_memory(cfg: RunConfig, mesh: Mesh) -> None:
     before anything is allocated, naming the settings that lower it."""
     if mesh.device.type != "cuda" or not cfg.train.check_memory:
         return
-    if mesh.pp > 1:
-        if mesh.is_main:
-            log.warning("memory plan skipped: the planner does not count pipeline stages yet (parallel.pp=%d)",
-                        mesh.pp)
-        return
-    plan = plan_memory(cfg, mesh.dp, "cuda")
+    plan = plan_memory(cfg, mesh.dp, "cuda")  # under pipeline parallelism: the stage with the highest peak
     try:
         check_fits(plan, torch.cuda.get_device_properties(mesh.device).total_memory)
     except ValueError as e:

@@ -22,10 +22,18 @@ CASES = {
 ONE_RANK = [(0, 2, "full"), (0, 4, "selective")]  # accumulation and recomputation alone
 
 
+# AdamW's eps: a weight whose gradient is near zero (|g| << 1e-8 would be needed to make the
+# update small) moves by about lr whatever the sign of its rounding noise, so one such element can
+# differ by up to lr from one rank. eps 1e-6, still far below the typical gradient, keeps such
+# updates linear in the gradient; a wrong gradient still shows.
+EPS = 1e-6
+
+
 def spec(tmp, data, model, stage=-1, micro_batch=0, recompute="none", tag="ref"):
     return dict(model=model, data=data, parallel=dict(zero_stage=stage),
                 train=dict(max_steps=3, global_batch=8, micro_batch=micro_batch, recompute=recompute, lr=3e-3,
-                           warmup_steps=2, log_every=1, seed=7, device="cpu", run_dir=str(tmp / f"{model}-{tag}")))
+                           warmup_steps=2, log_every=1, seed=7, device="cpu", run_dir=str(tmp / f"{model}-{tag}"),
+                           eps=EPS))
 
 
 @pytest.fixture(scope="module")

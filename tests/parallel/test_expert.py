@@ -54,7 +54,10 @@ def test_all_to_all_equals_one_process(ranks, world, name):
         torch.testing.assert_close(res["local_counts"], total[r * local:(r + 1) * local], rtol=0, atol=0)
     for n, g in ref["grads"].items():
         if not n.startswith("experts."):
-            torch.testing.assert_close(sum(res["grads"][n] for res in got), g, **TOL, msg=lambda m: f"{n}: {m}")
+            # a sum over ranks of per-rank gradients with cancellation (router.weight: entries up to
+            # 39, some near 0.1): the summation order's error scales with the largest entry
+            tol = dict(rtol=TOL["rtol"], atol=max(TOL["atol"], 1e-6 * float(g.abs().max())))
+            torch.testing.assert_close(sum(res["grads"][n] for res in got), g, **tol, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -215,10 +215,46 @@ def test_sb7b_on_one_gpu_needs_sharding():
 def test_settings_outside_the_planner_are_named():
     with pytest.raises(ValueError, match="train.global_batch"):
         P.plan_memory(run_config("sb7b-tiny", global_batch=3), 2)
-    with pytest.raises(ValueError, match="parallel.pp"):
+    with pytest.raises(ValueError, match="parallel.pp=2 needs at least 2 micro-batches"):
         P.plan_memory(run_config("sb7b-tiny", pp=2), 1)
     with pytest.raises(ValueError, match="parallel.offload_optimizer"):
         P.plan_memory(run_config("sb7b-tiny", zero_stage=3, offload_optimizer=True), 1)
+
+
+def test_pipeline_stages_are_planned_one_by_one():
+    """sb76b at 8k on the report's layout (pp 4, ep 8): every stage planned on its own blocks,
+    stage 0 holding the embeddings and 4 micro-batches in flight, the last the head and loss and
+    one; the plan's numbers are the stage with the highest peak, and the bubble is 1F1B's."""
+    from parallel.pipeline import cut_stages
+
+    cfg = run_config("sb76b", seq_len=8192, global_batch=1024, micro_batch=1, pp=4, ep=8, zero_stage=1)
+    cfg.model.moe.balance = "micro"
+    plan = P.plan_memory(cfg, 256)
+    bounds = cut_stages(cfg.model, 8192, 4)
+    assert [st["layers"] for st in plan.stages] == [[r.start, r.stop] for r in bounds]
+    assert [st["in_flight"] for st in plan.stages] == [4, 3, 2, 1]
+    assert plan.pp == 4 and plan.micro_batches == 4 and plan.bubble == pytest.approx(3 / 7)
+    assert plan.peak == max(st["peaks"]["none"] for st in plan.stages)
+    assert plan.logits == 0 and P.plan_memory(cfg, 256).stages == plan.stages
+    # one stage's state is its blocks' share: the four stages add up to the whole model's
+    whole = run_config("sb76b", seq_len=8192, global_batch=1024, micro_batch=4, ep=8, zero_stage=1)
+    assert sum(st["params"] for st in plan.stages) == pytest.approx(P.plan_memory(whole, 256).params, rel=1e-3)
+    text = P.format_plan(plan, 141 * P.GiB)
+    assert "pipeline: 4 stages, 1F1B over 4 micro-batches, bubble 42.9% of the step" in text
+
+
+def test_node_layout_names_the_two_level_groups():
+    cfg = run_config("sb76b", seq_len=32768, global_batch=1024, micro_batch=1, pp=4, ep=8, sp=4, zero_stage=1)
+    lines = P.node_layout(cfg, 1024, 8, ep_bytes=7 * 2 ** 30)
+    assert lines[0].startswith("nodes: 128 x 8 ranks")
+    assert "ZeRO reduce-scatter / weight gathers over 256 ranks: 32 nodes x 8: two-level" in lines[1]
+    assert "expert all-to-all over 8 ranks: 4 nodes x 2: two-level (3 cross-node messages" in lines[2]
+    assert "6.00 GiB per rank per step cross nodes" in lines[2]  # 6 of the 7 other ranks: 2 per node
+    cfg.parallel.sp, cfg.parallel.two_level = 1, False
+    lines = P.node_layout(cfg, 256, 8)
+    assert "expert all-to-all over 8 ranks: inside one node" in lines[2] and "flat" in lines[1]
+    with pytest.raises(ValueError, match="parallel.ranks_per_node=3 does not divide the world size 256"):
+        P.node_layout(cfg, 256, 3)
 
 
 def launch(*args):

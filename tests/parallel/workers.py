@@ -49,7 +49,20 @@ def train(spec: dict) -> dict:
             "expert_load": [r.get("expert_load") for r in rows],
             "local_param_bytes": sum(local(p).numel() * p.element_size() for p in trainer.model.parameters()),
             "stage": mesh.zero_stage, "initial": initial, "params": full_params(trainer.model, main),
-            "compiled": compiled_regions(trainer.model)}
+            "compiled": compiled_regions(trainer.model), "two_level": two_level(mesh, trainer.model)}
+
+
+def two_level(mesh: Mesh, model: torch.nn.Module) -> dict:
+    """The axes whose groups span virtual nodes, the FSDP2 units reducing in two levels and the
+    MoE layers sending tokens in two levels (private FSDP2 state: tests only)."""
+    from parallel.engine import TwoLevelReduceScatter
+
+    units = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    return {"axes": sorted(a for a in ("shard", "ep", "expert_shard") if mesh.levels(a) is not None),
+            "units": sum(isinstance(g._reduce_scatter_comm, TwoLevelReduceScatter)
+                         for u in units for g in u._get_fsdp_state()._fsdp_param_groups),
+            "dispatchers": sum(getattr(getattr(m, "dispatcher", None), "levels", None) is not None
+                               for m in model.modules())}
 
 
 def merged(results: list[dict]) -> dict:
