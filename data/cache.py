@@ -2,9 +2,10 @@
 
 A cache entry is a directory that is either complete or absent: it is built under a temporary
 name next to its final place and renamed into place when done, so an interrupted build or a
-rank that crashed mid-write never leaves something that looks complete. A lock file makes
-concurrent ranks on one filesystem wait for the first builder instead of building again; where
-locking is unavailable the rename alone still keeps the cache correct (one builder wins).
+rank that crashed mid-write never leaves something that looks complete; the next build removes
+such leftovers. A lock file makes concurrent ranks on one filesystem wait for the first builder
+instead of building again; where locking is unavailable the rename alone still keeps the cache
+correct (one builder wins).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
     with _locked(final.parent / f".{final.name}.lock"):
         if final.is_dir():  # another process built it while we waited
             return False
+        if fcntl is not None:  # without locks a temporary may belong to a build in progress
+            _remove_stale_temporaries(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp)
@@ -48,6 +51,25 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
             fsync_dir(final.parent)
             return True
         finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Removes the temporaries of builds killed before their rename, next to `final`: its own
+    (the caller holds its lock, so no other build of it runs) and those of other entries whose
+    lock nobody holds (held while removing, so no build of them can start meanwhile)."""
+    for tmp in final.parent.iterdir():
+        name, sep, _ = tmp.name[1:].rpartition(".tmp-")
+        if not (tmp.name.startswith(".") and sep and tmp.is_dir()):
+            continue
+        if name == final.name:
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        with open(final.parent / f".{name}.lock", "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # being built now
+                continue
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -19,6 +19,9 @@ class DocumentSource(Protocol):
     fingerprint: sha256 of the tokenizer that produced the tokens.
     doc_lengths: int64 `[D]`, tokens of each document (EOS included).
     max_token_id: largest token id stored (checked against the model's vocabulary up front).
+
+    A source may also offer `where(doc, offset) -> str`, naming where a token is stored (a shard
+    source: its file and byte offset), for error messages.
     """
 
     name: str

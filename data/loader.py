@@ -16,6 +16,7 @@ import copy
 import functools
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .config import DataConfig
@@ -23,7 +24,7 @@ from .document_source import DocumentSource
 from .packing import pack
 from .prefetch import Prefetcher
 from .sources import check_sources, open_sources
-from .stream import DocumentStream
+from .stream import DocumentStream, Plan
 from .tokenizer import Tokenizer
 
 
@@ -79,6 +80,7 @@ class Loader:
         self.stream = DocumentStream(sources, weights, seed=seed, packing=cfg.packing)
         self._handed_out = self.stream.state_dict()  # the state after the last batch returned
         self._prefetcher: Prefetcher | None = None
+        self._id_limit: int | None = None  # set by check_vocab: every batch's ids stay below it
 
     @property
     def vocab_size(self) -> int:
@@ -97,7 +99,11 @@ class Loader:
         return self.global_batch * self.cfg.seq_len
 
     def check_vocab(self, model_vocab_size: int) -> None:
-        """Refuse (ValueError) data whose token ids the model's embedding cannot look up."""
+        """Refuse (ValueError) data whose token ids the model's embedding cannot look up: now, by
+        the tokenizer's size and the largest ids the sources record, and from then on in every
+        batch, on the host (damaged data or an understated manifest get past the first check)."""
+        self.close()  # batches prepared ahead were not checked
+        self._id_limit = model_vocab_size
         if self.tokenizer is not None and self.tokenizer.vocab_size > model_vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but "
                              f"model.vocab_size is {model_vocab_size}; raise model.vocab_size "
@@ -157,7 +163,7 @@ class Loader:
         # the loader alive.
         return functools.partial(
             _next_batch, self.stream, self.sources, self.global_batch,
-            self.dp_rank * self.local_batch, self.local_batch, self.cfg.seq_len,
+            self.dp_rank * self.local_batch, self.local_batch, self.cfg.seq_len, self._id_limit,
         )
 
 
@@ -168,9 +174,39 @@ def _next_batch(
     first: int,
     count: int,
     seq_len: int,
+    id_limit: int | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Plan the next global batch, pack samples `[first, first+count)`; also the state after it."""
+    """Plan the next global batch, pack samples `[first, first+count)`; also the state after it.
+    Token ids at or above `id_limit` (None: no check) raise a ValueError naming where they are."""
     plan = stream.plan(global_batch, seq_len)
     state = stream.state_dict()
     arrays = pack(plan, sources, first, count, seq_len)
+    if id_limit is not None:
+        check_ids(arrays["input_ids"], arrays["labels"], id_limit, plan, sources, first)
     return {k: torch.from_numpy(v) for k, v in arrays.items()}, state
+
+
+def check_ids(inputs: np.ndarray, labels: np.ndarray, limit: int, plan: Plan,
+              sources: Sequence[DocumentSource], first: int) -> None:
+    """Raise ValueError if a token id of the packed `inputs`/`labels` `[b, L]` (samples `first..`
+    of `plan`) is >= `limit`, naming the source, document and offset of the first such token
+    (a shard source also names its file). A max over the batch when nothing is wrong."""
+    if max(int(inputs.max()), int(labels.max())) < limit:
+        return
+    # a label is the token after its input: a bad one is reported at the token it reads
+    flat_in, flat_lab = inputs.reshape(-1), labels.reshape(-1)
+    pos = int(np.argmax((flat_in >= limit) | (flat_lab >= limit)))
+    shift = 0 if flat_in[pos] >= limit else 1
+    lo = plan.first[first]
+    ends = np.cumsum(np.subtract(plan.stop[lo:], plan.start[lo:]))
+    j = int(np.searchsorted(ends, pos, side="right"))
+    seg = lo + j
+    source = sources[plan.source[seg]]
+    offset = plan.start[seg] + pos - (int(ends[j - 1]) if j else 0) + shift
+    value = int(flat_in[pos] if shift == 0 else flat_lab[pos])
+    where = getattr(source, "where", None)
+    raise ValueError(
+        f"data source {source.name!r} holds token id {value} at token {offset} of document "
+        f"{plan.doc[seg]}{f' ({where(plan.doc[seg], offset)})' if where else ''}, but "
+        f"model.vocab_size is {limit}: the data is damaged or was prepared with another "
+        f"tokenizer; prepare it again")

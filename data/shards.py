@@ -19,21 +19,34 @@ manifest.json:
   sources           descriptions of the inputs (files with sizes, or hub datasets)
   request           everything that determines the contents (a re-run must match it)
   command, cwd      the command line that made it and its directory (to resume), when known
-  shards            [{name, documents, tokens, max_token_id, inputs: [first, stop) input
-                      records it covers, skipped: {reason: n}, replaced: {reason: n}}]
+  shards            [{name, documents, tokens, max_token_id, sha256: {bin, idx} (hex digests of
+                      the two files), inputs: [first, stop) input records it covers,
+                      skipped: {reason: n}, replaced: {reason: n}}]
   totals            {documents, tokens, inputs}
   skipped, replaced sums of the shards' counts by reason
 
 Shards are written under temporary names, fsynced and renamed (.bin, then .idx), and only then
 listed in the manifest, so a listed shard is always whole; a shard's files both present means it
 is whole too (the manifest may lag one shard behind after a crash).
+
+Checksums: a shard's `sha256` is computed while it is written (no second pass) and verified by
+each process that opens the directory: the `.idx` at open (it is read whole there anyway, and a
+damaged offset that still increases would shift document boundaries unnoticed), the `.bin` in a
+background thread of the job's first rank only (hundreds of GB for a real corpus, and a random document order touches every
+shard in the first steps, so checking at first use would cost as much as at open). A `.bin` that
+fails makes every later `read` raise, naming the file. Manifests written before checksums existed
+are read with a warning, unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import os
 import shlex
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -46,6 +59,10 @@ FORMAT = "spikingbrain-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"  # temporary files are "<final name>.tmp-<pid>"
+CHECKSUM = "sha256"  # a shard entry's {"bin": hex digest, "idx": hex digest}
+HASH_CHUNK = 8 << 20  # bytes hashed per read when checking a .bin
+
+log = logging.getLogger("data")
 
 
 class ShardError(ValueError):
@@ -98,6 +115,7 @@ class ShardWriter:
         self._tmp = self._bin.with_name(f"{self._bin.name}{TMP_MARK}{os.getpid()}")
         self._f = open(self._tmp, "wb")
         self._lengths: list[np.ndarray] = []
+        self._hash = hashlib.sha256()
         self.tokens, self.max_token_id = 0, -1
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -105,14 +123,16 @@ class ShardWriter:
         if tokens.dtype != self.dtype or int(lengths.sum()) != len(tokens):
             raise ValueError(f"{self.name}: chunk of {tokens.dtype} {len(tokens)} tokens does not "
                              f"match dtype {self.dtype} / lengths summing to {int(lengths.sum())}")
-        self._f.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        data = memoryview(np.ascontiguousarray(tokens)).cast("B")
+        self._f.write(data)
+        self._hash.update(data)
         self._lengths.append(np.asarray(lengths, dtype=np.int64))
         self.tokens += len(tokens)
         if len(tokens):
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
 
     def finish(self) -> dict[str, Any]:
-        """Make the shard durable and visible; returns its manifest entry (name, counts)."""
+        """Make the shard durable and visible; returns its manifest entry (name, counts, checksums)."""
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -120,16 +140,20 @@ class ShardWriter:
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
+        buffer = io.BytesIO()
+        np.save(buffer, offsets)
         idx = self.directory / f"{self.name}.idx"
         tmp = idx.with_name(f"{idx.name}{TMP_MARK}{os.getpid()}")
-        with open(tmp, "wb") as f:  # a file object, so np.save keeps the name (no ".npy" added)
-            np.save(f, offsets)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, idx)
         fsync_dir(self.directory)
         return {"name": self.name, "documents": len(lengths), "tokens": self.tokens,
-                "max_token_id": self.max_token_id}
+                "max_token_id": self.max_token_id,
+                CHECKSUM: {"bin": self._hash.hexdigest(),
+                           "idx": hashlib.sha256(buffer.getbuffer()).hexdigest()}}
 
     def abort(self) -> None:
         self._f.close()
@@ -139,7 +163,8 @@ class ShardWriter:
 def check_shard(directory: Path, entry: dict[str, Any], dtype: np.dtype) -> np.ndarray:
     """Validate one listed shard's files against each other and its manifest entry.
 
-    Returns its offsets, int64 `[D + 1]`. Raises ShardError naming the bad file.
+    Returns its offsets, int64 `[D + 1]`. Raises ShardError naming the bad file. The `.idx` is
+    checked against its checksum when the entry has one; the `.bin` is not (see `check_bin`).
     """
     bin_path, idx_path = directory / f"{entry['name']}.bin", directory / f"{entry['name']}.idx"
     for p in (bin_path, idx_path):
@@ -150,7 +175,8 @@ def check_shard(directory: Path, entry: dict[str, Any], dtype: np.dtype) -> np.n
         raise ShardError(f"shard {bin_path} holds {size} bytes, not a whole number of {dtype.name} "
                          f"tokens: truncated or corrupted")
     try:
-        offsets = np.load(idx_path, allow_pickle=False)
+        raw = idx_path.read_bytes()
+        offsets = np.load(io.BytesIO(raw), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise ShardError(f"shard index {idx_path} is unreadable (truncated or corrupted): {e}") from e
     if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0:
@@ -164,7 +190,31 @@ def check_shard(directory: Path, entry: dict[str, Any], dtype: np.dtype) -> np.n
     if (len(offsets) - 1, tokens) != (entry["documents"], entry["tokens"]):
         raise ShardError(f"shard {bin_path} holds {len(offsets) - 1} documents / {tokens} tokens but "
                          f"the manifest says {entry['documents']} / {entry['tokens']}")
+    if CHECKSUM in entry and hashlib.sha256(raw).hexdigest() != entry[CHECKSUM]["idx"]:
+        raise ShardError(_mismatch(idx_path))  # e.g. a flipped bit that keeps offsets increasing
     return offsets
+
+
+def check_bin(directory: Path, entry: dict[str, Any]) -> None:
+    """Raise ShardError unless the shard's `.bin` matches the checksum of its manifest entry
+    (one streamed pass over the file; an entry without checksums passes)."""
+    if CHECKSUM not in entry:
+        return
+    path = directory / f"{entry['name']}.bin"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        raise ShardError(f"shard file {path} is unreadable: {e}") from e
+    if digest.hexdigest() != entry[CHECKSUM]["bin"]:
+        raise ShardError(_mismatch(path))
+
+
+def _mismatch(path: Path) -> str:
+    return (f"shard file {path} does not match its checksum in {path.parent / MANIFEST}: it was "
+            f"damaged or changed after preparation; prepare the data again")
 
 
 class ShardSource:
@@ -173,7 +223,9 @@ class ShardSource:
     name defaults to the directory's name; domain, fingerprint and max_token_id come from the
     manifest; doc_lengths is int64 `[D]` over all shards in order. `read` returns a view of a
     memory-mapped shard; at most `max_open` shards stay mapped at once (each holds a file
-    descriptor). Opening checks every shard's files (sizes and index), not the token values.
+    descriptor). Opening checks every shard's files (sizes and index, the `.idx` checksums) and
+    starts checking the `.bin` checksums in a background thread (module doc; `verify` waits for
+    it); the token values are checked by the loader, batch by batch.
     """
 
     def __init__(self, directory: str | os.PathLike, *, name: str | None = None, max_open: int = 64) -> None:
@@ -205,14 +257,60 @@ class ShardSource:
                              f"{len(self.doc_lengths)} / {self.num_tokens}")
         self._max_open = max_open
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        unverified = sum(CHECKSUM not in s for s in shards)
+        if unverified:
+            log.warning("%s: %d of %d shards have no checksums in %s (prepared by an older version): "
+                        "their files are not verified; prepare the data again to add them",
+                        self.directory, unverified, len(shards), MANIFEST)
+        self._bad_bin: ShardError | None = None
+        self._bins_checked = False
+        self._start_bin_check()
+
+    def verify(self) -> None:
+        """Wait for the background check of the `.bin` checksums; raise ShardError for a bad one."""
+        if self._checker is not None:
+            self._checker.join()
+        if self._bad_bin is not None:
+            raise ShardError(str(self._bad_bin))
+
+    def _start_bin_check(self) -> None:
+        self._checker = None
+        if os.environ.get("RANK", "0") != "0":
+            # one process per job reads the corpus once (1024 ranks re-reading hundreds of GB
+            # from shared storage would not be cheap); a damaged .bin stops rank 0, and torchrun
+            # the job. The .idx is checked by every rank at open, and token ids in every batch.
+            self._bins_checked = True
+            return
+        self._checker = threading.Thread(target=self._check_bins, daemon=True,
+                                         name=f"shard-checksums-{self.name}")
+        self._checker.start()
+
+    def _check_bins(self) -> None:
+        try:
+            for entry in self.manifest["shards"]:
+                check_bin(self.directory, entry)
+        except ShardError as e:
+            self._bad_bin = e
+        self._bins_checked = True
+
+    def where(self, doc: int, offset: int) -> str:
+        """Where token `offset` of document `doc` is stored: shard file, its document, byte offset."""
+        shard = self._shard_of(doc)
+        byte = (int(self._doc_start[doc]) + offset) * self.dtype.itemsize
+        return (f"{self.directory / self._names[shard]}.bin, document {doc - int(self._first_doc[shard])} "
+                f"of the shard, byte offset {byte}")
 
     def read(self, doc: int, start: int, stop: int) -> np.ndarray:
         """Tokens `[start, stop)` of document `doc`: a read-only view of the shard, `[stop - start]`."""
         if not 0 <= doc < len(self.doc_lengths) or not 0 <= start <= stop <= self.doc_lengths[doc]:
             raise IndexError(f"{self.name}: no tokens [{start}, {stop}) in document {doc}")
-        shard = int(np.searchsorted(self._first_doc, doc, side="right")) - 1
+        if self._bad_bin is not None:
+            raise ShardError(str(self._bad_bin))
         base = int(self._doc_start[doc])
-        return self._tokens(shard)[base + start:base + stop]
+        return self._tokens(self._shard_of(doc))[base + start:base + stop]
+
+    def _shard_of(self, doc: int) -> int:
+        return int(np.searchsorted(self._first_doc, doc, side="right")) - 1
 
     def check_tokenizer(self, fingerprint: str) -> None:
         """Raise ShardError unless these tokens were made by the tokenizer with `fingerprint`."""
@@ -239,10 +337,17 @@ class ShardSource:
         return arr
 
     def __getstate__(self) -> dict[str, Any]:
-        # memory maps are per process: a copy sent to a worker maps the files again
+        # memory maps and threads are per process: a copy sent to a worker maps the files again
+        # and finishes the checksum check itself
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
+        state["_checker"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if not self._bins_checked:
+            self._start_bin_check()
 
     def __len__(self) -> int:
         return len(self.doc_lengths)

@@ -7,13 +7,11 @@
 The target's dims come from SRC's config.json; its layer plan and GLA/MoE/hybrid settings from
 conf/model/TARGET.yaml. DST is written under a temporary sibling name and renamed when complete.
 --export writes a training checkpoint (train/checkpoint.py; a run directory means its latest one)
-in the same layout, bf16 by default. Prints one JSON summary line (with peak RSS) on success;
-errors exit with status 1 and a message.
+in the same layout, bf16 by default. Prints a short summary (with peak RSS; `--json`: one JSON
+line) on success; errors exit with status 1 and a message.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import sys
@@ -34,7 +32,9 @@ def template(target: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from launch.cli import emit, megabytes, parser
+
+    ap = parser(__doc__)
     ap.add_argument("src", help="Qwen2 Hugging Face directory (config.json + safetensors or .bin)")
     ap.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     targets = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "model"))
@@ -45,12 +45,12 @@ def main(argv=None) -> int:
     ap.add_argument("--target", choices=targets,
                     help="model config whose layer plan and settings the result takes (its dims come "
                          "from SRC); -tiny targets keep the tiny configs' plans, so +model=NAME-tiny "
-                         "trains the result")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--max-shard-size", default="5GB")
+                         "trains the result; required unless --export")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of DST's tensors")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors file of DST")
     ap.add_argument("--sliding-window", type=int, default=None,
-                    help="SWA window (default: the target config's, 4096)")
+                    help="SWA window; None: the target config's (4096 in sb7b)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the new parameters")
     args = ap.parse_args(argv)
 
@@ -79,7 +79,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    print(json.dumps(summary))
+    head = ([("exported", f"{summary['checkpoint']} -> {summary['exported']}"), ("model", summary["model"])]
+            if args.export else
+            [("converted", f"{os.path.abspath(args.src)} -> {summary['converted']}"),
+             ("target", f"{summary['target']}, {summary['layers']} layers, in {summary['seconds']:.1f} s"),
+             ("tokenizer files", ", ".join(summary["tokenizer_files"]) or "none in SRC")])
+    emit(summary, head + [
+        ("tensors", f"{summary['tensors']}, {megabytes(summary['bytes'])} {summary['dtype']}"),
+        ("peak RSS", f"{summary['peak_rss_mb']:,.1f} MB"),
+    ], args.json)
     return 0
 
 

@@ -1,7 +1,13 @@
-"""Write a checkpoint with the exact shapes of Qwen2.5-7B (zeros, bf16, sharded safetensors with
-an index), to measure conversion time and memory at full size without downloading weights.
+"""Write a synthetic Qwen2 checkpoint (bf16, sharded safetensors with an index, no tokenizer):
+the exact shapes of Qwen2.5-7B in zeros, to measure conversion time and memory at full size
+without downloading weights, or (--tiny) the dims of conf/model/qwen2.5-7b-tiny.yaml with random
+weights, to try conversion end to end in seconds.
 
-    python launch/make_synthetic_qwen.py OUT [--layers 28] [--shard-gb 3.5]
+    python launch/make_synthetic_qwen.py OUT [--tiny [--seed 0]] [--layers N] [--shard-gb 3.5]
+
+    python launch/make_synthetic_qwen.py /tmp/qwen-tiny --tiny
+    python launch/convert.py /tmp/qwen-tiny /tmp/sb7b-tiny-init --target sb7b-tiny
+    python launch/pretrain.py +model=sb7b-tiny train.init_from=/tmp/sb7b-tiny-init
 """
 from __future__ import annotations
 
@@ -10,44 +16,74 @@ import json
 import os
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
-HIDDEN, FFN, VOCAB, KV_DIM, HEADS, KV_HEADS = 3584, 18944, 152064, 512, 28, 4
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+FULL = {"hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 131072,
+        "rope_theta": 1e6, "rms_norm_eps": 1e-6}
+INIT_STD = 0.02  # of the random (--tiny) weights, as Hugging Face initialises Qwen2
 
 
-def layer_tensors(i: int) -> dict[str, torch.Tensor]:
-    p, z = f"model.layers.{i}.", lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)
-    return {p + "input_layernorm.weight": z(HIDDEN), p + "post_attention_layernorm.weight": z(HIDDEN),
-            p + "self_attn.q_proj.weight": z(HIDDEN, HIDDEN), p + "self_attn.q_proj.bias": z(HIDDEN),
-            p + "self_attn.k_proj.weight": z(KV_DIM, HIDDEN), p + "self_attn.k_proj.bias": z(KV_DIM),
-            p + "self_attn.v_proj.weight": z(KV_DIM, HIDDEN), p + "self_attn.v_proj.bias": z(KV_DIM),
-            p + "self_attn.o_proj.weight": z(HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": z(FFN, HIDDEN), p + "mlp.up_proj.weight": z(FFN, HIDDEN),
-            p + "mlp.down_proj.weight": z(HIDDEN, FFN)}
+def tiny_dims() -> dict:
+    """The Hugging Face config fields of conf/model/qwen2.5-7b-tiny.yaml (the -tiny targets' dims)."""
+    with open(os.path.join(ROOT, "conf", "model", "qwen2.5-7b-tiny.yaml")) as f:
+        m = yaml.safe_load(f)
+    return {"hidden_size": m["hidden_size"], "intermediate_size": m["intermediate_size"],
+            "vocab_size": m["vocab_size"], "num_hidden_layers": m["num_layers"],
+            "num_attention_heads": m["num_heads"], "num_key_value_heads": m["num_kv_heads"],
+            "max_position_embeddings": m["max_position_embeddings"], "rope_theta": m["rope_theta"],
+            "rms_norm_eps": m["norm_eps"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out")
-    ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--shard-gb", type=float, default=3.5)
-    args = ap.parse_args()
+def layer_shapes(i: int, d: dict) -> dict[str, tuple[int, ...]]:
+    p, h, f = f"model.layers.{i}.", d["hidden_size"], d["intermediate_size"]
+    kv = d["num_key_value_heads"] * h // d["num_attention_heads"]
+    return {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("--tiny", action="store_true",
+                    help="dims of conf/model/qwen2.5-7b-tiny.yaml, random weights (else Qwen2.5-7B, zeros)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random --tiny weights")
+    ap.add_argument("--layers", type=int, default=None, help="layers; None: 28, or 4 with --tiny")
+    ap.add_argument("--shard-gb", type=float, default=3.5, help="largest safetensors file")
+    args = ap.parse_args(argv)
+    dims = tiny_dims() if args.tiny else dict(FULL)
+    if args.layers is not None:
+        dims["num_hidden_layers"] = args.layers
     os.makedirs(args.out, exist_ok=True)
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN,
-              "intermediate_size": FFN, "num_hidden_layers": args.layers, "num_attention_heads": HEADS,
-              "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-6,
-              "rope_theta": 1e6, "max_position_embeddings": 131072, "tie_word_embeddings": False,
-              "use_sliding_window": False, "torch_dtype": "bfloat16", "bos_token_id": 151643,
-              "eos_token_id": 151643}
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **dims,
+              "tie_word_embeddings": False, "use_sliding_window": False, "torch_dtype": "bfloat16",
+              **({} if args.tiny else {"bos_token_id": 151643, "eos_token_id": 151643})}
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
-    groups = ([{"model.embed_tokens.weight": zeros(VOCAB, HIDDEN)}]
-              + [layer_tensors(i) for i in range(args.layers)]
-              + [{"model.norm.weight": zeros(HIDDEN), "lm_head.weight": zeros(VOCAB, HIDDEN)}])
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if not args.tiny:
+            return torch.zeros(*shape, dtype=torch.bfloat16)
+        if name.endswith("norm.weight"):
+            return torch.ones(*shape, dtype=torch.bfloat16)
+        return (torch.randn(*shape, generator=gen) * INIT_STD).to(torch.bfloat16)
+
+    h, v = dims["hidden_size"], dims["vocab_size"]
+    groups = ([{"model.embed_tokens.weight": (v, h)}]
+              + [layer_shapes(i, dims) for i in range(dims["num_hidden_layers"])]
+              + [{"model.norm.weight": (h,), "lm_head.weight": (v, h)}])
     shards, current = [], {}
     for group in groups:  # one group at a time in memory beyond the shard being filled
-        current.update(group)
+        current.update({name: tensor(name, shape) for name, shape in group.items()})
         if sum(t.numel() for t in current.values()) * 2 > args.shard_gb * 1e9:
             shards.append(current)
             current = {}

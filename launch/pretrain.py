@@ -8,8 +8,10 @@ change), converts it to typed dataclasses and hands it to `train.run`.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import sys
 
 from hydra import compose, initialize_config_dir
@@ -21,18 +23,23 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "
 
 
 def available_models() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "model")) if f.endswith(".yaml"))
+    return options("model")
+
+
+def options(group: str) -> list[str]:
+    """The configs of a group of conf/ (`model`, `data`, ...)."""
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
 
 
 def load_config(overrides: list[str]):
     """Hydra overrides -> RunConfig. Raises SystemExit with a readable message on bad input."""
     from train.config import RunConfig, from_dict
 
+    check_choices(overrides)
     try:
-        with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose_config(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise SystemExit(f"error: bad override: {e}") from None
+        raise SystemExit(f"error: {explain(e, overrides)}") from None
     if "model" not in cfg:
         raise SystemExit("error: no model chosen. Pick one with +model=NAME; available models: "
                          + ", ".join(available_models()))
@@ -40,6 +47,61 @@ def load_config(overrides: list[str]):
         return from_dict(RunConfig, OmegaConf.to_container(cfg, resolve=True))
     except (ValueError, OmegaConfBaseException) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def check_choices(overrides: list[str]) -> None:
+    """Refuse a config group choice (`+model=NAME`, `data=NAME`, ...) that conf/ does not hold,
+    naming the closest one and the list (Hydra's own message ends in its search path)."""
+    groups = [g for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g))]
+    for override in overrides:
+        bare = override.lstrip("+~")
+        group, sep, name = bare.partition("=")
+        if not sep or group not in groups:
+            continue
+        if group == "model" and not override.startswith("+"):
+            raise SystemExit(f"error: choose the model with +model={name} (it is not in the "
+                             f"defaults list)")
+        known = options(group)
+        if name not in known and name != "null":
+            close = difflib.get_close_matches(name, known, n=1)
+            plus = override[:len(override) - len(bare)]
+            hint = f"; did you mean {plus}{group}={close[0]}?" if close else ""
+            raise SystemExit(f"error: no {group} config {name!r} ({override}){hint}\n"
+                             f"available {group} configs: {', '.join(known)}")
+
+
+UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+
+
+def explain(error: Exception, overrides: list[str]) -> str:
+    """Hydra's message, except for an unknown key: there Hydra suggests adding it with `+`, when
+    it is almost always a misspelling, so name the closest setting of the composed config."""
+    match = UNKNOWN_KEY.search(str(error))
+    if match is None:
+        return f"bad override: {error}"
+    key = match.group(1)
+    others = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        known = dotted_keys(OmegaConf.to_container(compose_config(others), resolve=False))
+    except (HydraException, OmegaConfBaseException):  # another bad override: named once this is fixed
+        known = []
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"unknown setting {key}" + (f"; did you mean {close[0]}?" if close else "")
+
+
+def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every key of a nested mapping as a dotted path (`train`, `train.max_steps`, ...)."""
+    keys = []
+    for key, value in tree.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def main(argv: list[str]) -> int:

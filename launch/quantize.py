@@ -2,19 +2,18 @@
 
     python launch/quantize.py CHECKPOINT DST [--data SHARDS] [--samples 128] [--eval-samples 64]
                               [--seq-len L] [--group-size 128] [--k K] [--device auto|cpu|cuda]
-                              [--dtype bf16|fp32] [--overwrite]
+                              [--dtype bf16|fp32] [--overwrite] [--json]
 
 CHECKPOINT is a training checkpoint, a run directory (its latest checkpoint) or a directory from
 launch/convert.py (which needs --data: token shards made with its tokenizer). Calibration uses
 the first --samples sequences of the sample text, evaluation the --eval-samples after them. DST
 gets the quantised model (int8 weights + scales, config.json with quantization_config) and
 w8aspike_report.json with the losses of the float, spiking, INT8-only, uncalibrated and
-calibrated W8ASpike models. Prints the report as one JSON line; errors exit with status 1.
+calibrated W8ASpike models. Prints a table of the losses (`--json`: the report as one JSON line);
+errors exit with status 1.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -24,9 +23,10 @@ if ROOT not in sys.path:
 
 
 def main(argv=None) -> int:
+    from launch.cli import emit, megabytes, parser
     from train.evaluate import add_cli_args, resolve_device
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     add_cli_args(ap, 128, "calibration sequences")
     ap.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--eval-samples", type=int, default=64, help="evaluation sequences (after them)")
@@ -49,7 +49,16 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(report), flush=True)
+    loss = report["loss"]
+    emit(report, [
+        ("exported", f"{report['exported']} ({megabytes(report['bytes'])}, {report['modules']} int8 "
+                     f"modules, group size {report['group_size']}, k={report['k']:g})"),
+        ("eval tokens", f"{report['eval']['tokens']:,}"),
+        *[(f"loss {name}", f"{value:.4f}" + (f" ({report['delta'][name]:+.4f}, "
+                                             f"{report['relative_pct'][name]:+.2f}%)"
+                                             if name in report["delta"] else ""))
+          for name, value in loss.items()],
+    ], args.json)
     return 0
 
 

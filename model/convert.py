@@ -28,12 +28,15 @@ import torch
 from .config import LayerPlan, ModelConfig
 from .hf.checkpoint import HFCheckpoint, ShardWriter, atomic_output_dir, copy_tokenizer_files, write_json
 from .hf.qwen2 import qwen2_config
+from .hf.remote import write_remote_code
 from .hf.spikingbrain import _expected_shapes, fits_gla_swa, hf_config, to_hf_name
+from .hf.tokenizer import write_tokenizer
 from .mixers.gla import GLA_INIT_GAIN
 
 SINK_STD = 0.02      # as Decoder.init_weights for sinks
 ROUTER_STD = 1e-3    # small, so routing starts near uniform (p_top1 ~ k/N, the alpha assumption)
 DROPPED = ("rotary_emb.inv_freq",)  # source tensors deliberately not converted (suffixes)
+QWEN2 = ("Qwen2ForCausalLM",)  # the config.json architectures a source may name (or none)
 
 
 def upcycle_alpha(num_shared: int, top_k: int, num_experts: int) -> float:
@@ -44,9 +47,11 @@ def upcycle_alpha(num_shared: int, top_k: int, num_experts: int) -> float:
 def source_config(hf: dict, path: str) -> ModelConfig:
     """Qwen2 config.json dict -> ModelConfig; errors name the file."""
     where = os.path.join(path, "config.json")
-    if hf.get("model_type") != "qwen2":
+    # both: a config can say model_type qwen2 and name another class (e.g. MistralForCausalLM)
+    if hf.get("model_type") != "qwen2" or not set(hf.get("architectures") or QWEN2) <= set(QWEN2):
         raise ValueError(f"{where}: unknown architecture model_type={hf.get('model_type')!r} "
-                         f"(architectures={hf.get('architectures')}); only qwen2 sources convert")
+                         f"(architectures={hf.get('architectures')}); only qwen2 sources "
+                         f"({', '.join(QWEN2)}) convert")
     try:
         heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
         if not hf.get("head_dim") and hf["hidden_size"] % heads:
@@ -181,6 +186,7 @@ def convert(src: str, dst: str, template: ModelConfig, target: str, *, dtype: to
         index = writer.finish()
         ids = {k: ckpt.config[k] for k in ("bos_token_id", "eos_token_id") if ckpt.config.get(k) is not None}
         write_json(os.path.join(tmp, "config.json"), hf_config(cfg, dtype, extra=ids))
+        write_remote_code(tmp)  # AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)
         tokenizer = copy_tokenizer_files(src, tmp)
     m = cfg.moe
     return {"target": target, "layers": cfg.num_layers, "mixers": cfg.mixers, "ffns": cfg.ffns,
@@ -193,7 +199,8 @@ def convert(src: str, dst: str, template: ModelConfig, target: str, *, dtype: to
 
 def save_hf_checkpoint(state: dict, cfg: ModelConfig, dst: str, *, dtype: torch.dtype = torch.bfloat16,
                        overwrite: bool = False, max_shard_size="5GB", tokenizer_from: str | None = None) -> dict:
-    """Our state dict (names as Decoder.state_dict()) -> DST in the layout `hf_config` picks."""
+    """Our state dict (names as Decoder.state_dict()) -> DST in the layout `hf_config` picks, with
+    the modeling files for transformers and the tokenizer `tokenizer_from` (`write_tokenizer`)."""
     expected = _expected_shapes(cfg)
     if set(state) != set(expected):
         raise ValueError(f"state dict does not match the config: missing {sorted(set(expected) - set(state))[:8]}, "
@@ -204,6 +211,7 @@ def save_hf_checkpoint(state: dict, cfg: ModelConfig, dst: str, *, dtype: torch.
             writer.add(to_hf_name(name), state[name])
         index = writer.finish()
         write_json(os.path.join(tmp, "config.json"), hf_config(cfg, dtype))
+        write_remote_code(tmp)
         if tokenizer_from:
-            copy_tokenizer_files(tokenizer_from, tmp)
+            write_tokenizer(tokenizer_from, tmp)
     return index

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import torch
 import yaml
@@ -17,9 +18,11 @@ from parallel import Mesh, parallelize
 from parallel.materialize import init_weights, load_weights, materialize
 from parallel.plan import check_fits, format_plan, plan_memory
 from parallel.sequence import check_sequence_parallel
+from .checkpoint import checkpoints_dir
 from .config import RunConfig
+from .manifest import write_file
 from .optim import build_optimizer
-from .resume import check_model_config, resolve_resume
+from .resume import check_model_config, check_unused_run_dir, resolve_resume
 from .trainer import Trainer, batch_split
 
 log = logging.getLogger("train")
@@ -30,9 +33,7 @@ def run(cfg: RunConfig) -> dict:
     mesh = Mesh(cfg.parallel, cfg.train.device)
     try:
         if mesh.is_main:
-            os.makedirs(cfg.train.run_dir, exist_ok=True)
-            _write_atomic(os.path.join(cfg.train.run_dir, "config.yaml"),
-                          yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            log.info("run directory %s", os.path.abspath(cfg.train.run_dir))
         if cfg.train.dry_run:
             return dry_run(cfg, mesh)
         trainer = build(cfg, mesh)
@@ -46,16 +47,21 @@ def run(cfg: RunConfig) -> dict:
 
 
 def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
+    """The trainer, every check passed, resumed when there is a checkpoint to resume from. The
+    run directory is written (config.yaml, train.overwrite) only once all checks have passed."""
     t = cfg.train
     batch_split(t, mesh.dp)  # before anything is read or allocated
     check_sequence_parallel(cfg)
     check_memory(cfg, mesh)
+    check_run_dir(t.run_dir)
     loader = build_loader(cfg.data, seed=t.seed, global_batch=t.global_batch,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp)
     loader.check_vocab(cfg.model.vocab_size)  # token ids the embedding cannot look up
     resume_from = resolve_resume(cfg)
     if resume_from:
         check_model_config(resume_from, cfg.model)  # before allocating anything
+    elif t.resume == "never" and not t.overwrite:
+        check_unused_run_dir(t)
     full = build_model(cfg.model, device="meta")
     counts = full.num_params()
     engine = parallelize(full, mesh, cfg)  # shards the meta model: no rank holds full weights
@@ -65,9 +71,9 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
         if t.init_from and mesh.is_main:
             log.info("train.init_from=%s ignored: resuming from %s", t.init_from, resume_from)
     elif t.init_from:
-        load_init_from(model, t.init_from, cfg.model)
+        tensors = load_init_from(model, t.init_from, cfg.model)
         if mesh.is_main:
-            log.info("weights from %s", t.init_from)
+            log.info("initialised from %s (%d tensors)", t.init_from, tensors)
     else:
         # the same full model on every rank and for every layout
         init_weights(model, lambda part: init_part(part, cfg.model.init_std), mesh.device, seed=t.seed)
@@ -80,7 +86,58 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     trainer = Trainer(cfg, mesh, engine, optimizer, loader)
     if resume_from:
         trainer.resume(resume_from)
+    if mesh.is_main:
+        start_run_dir(cfg, trainer, resumed=bool(resume_from))
     return trainer
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuses a train.run_dir that is a file or that cannot be written (a read-only filesystem,
+    permissions), before anything is read or written."""
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"train.run_dir={run_dir}: {path} is a file, not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"train.run_dir={run_dir}: {path} is not writable (a read-only filesystem or its permissions)")
+
+
+def start_run_dir(cfg: RunConfig, trainer: Trainer, resumed: bool) -> None:
+    """Rank 0, once every check has passed: writes config.yaml; a fresh run then deletes the
+    earlier run's checkpoints and metrics (train.overwrite) or drops the rows of an attempt
+    stopped before its first checkpoint (train.resume=auto without one)."""
+    t = cfg.train
+    write_config(cfg)
+    if resumed:
+        return
+    if not t.overwrite:
+        trainer.metrics.drop_rows_after(0)
+        return
+    old = [p for p in (checkpoints_dir(t.run_dir), trainer.metrics.path) if os.path.exists(p)]
+    for path in old:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if old:
+        log.warning("train.overwrite=true: deleted %s of the earlier run", ", ".join(old))
+
+
+def write_config(cfg: RunConfig) -> None:
+    write_run_file(cfg.train.run_dir, "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def write_run_file(run_dir: str, name: str, text: str) -> str:
+    """Writes run_dir/NAME atomically, creating run_dir; returns its path. ValueError naming
+    train.run_dir when the filesystem refuses (read-only, full, not a directory)."""
+    path = os.path.join(run_dir, name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        write_file(path, text.encode(), atomic=True)
+    except OSError as e:
+        raise ValueError(f"train.run_dir={run_dir}: cannot write {path} ({e})") from None
+    return path
 
 
 def check_memory(cfg: RunConfig, mesh: Mesh) -> None:
@@ -97,14 +154,15 @@ def check_memory(cfg: RunConfig, mesh: Mesh) -> None:
         log.info("memory plan: peak %.1f GiB per GPU (train.recompute=%s)", plan.peak / 2**30, plan.recompute)
 
 
-def load_init_from(model, path: str, model_cfg) -> None:
+def load_init_from(model, path: str, model_cfg) -> int:
     """Fills the (sharded) model from the converted checkpoint `path`, each rank reading only
-    the rows it owns."""
+    the rows it owns. Returns the number of tensors of the checkpoint."""
     try:
         reader = HFStateReader(path, model_cfg)  # checks dims, names and shapes before any read
         load_weights(model, reader.rows)
     except ValueError as e:
         raise ValueError(f"train.init_from: {e}") from e
+    return len(reader.names)
 
 
 def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
@@ -125,8 +183,10 @@ def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
         "memory": plan.to_dict(),
     }
     if mesh.is_main:
-        _write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2))
-        print(format_summary(summary) + "\n\n" + format_plan(plan), flush=True)
+        path = write_run_file(cfg.train.run_dir, "summary.json", json.dumps(summary, indent=2))
+        write_config(cfg)
+        print(format_summary(summary) + "\n\n" + format_plan(plan)
+              + f"\n\nsummary written to {os.path.abspath(path)}", flush=True)
     return summary
 
 
@@ -151,11 +211,3 @@ def format_summary(s: dict) -> str:
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

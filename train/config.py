@@ -38,6 +38,7 @@ class TrainConfig:
     save_every: int = 0            # checkpoint every N steps; 0 = only at the end and on SIGTERM/SIGUSR1
     keep_checkpoints: int = 3      # newest complete checkpoints kept; 0 = keep all
     resume: str = "auto"           # auto (run_dir/checkpoints/latest if any), never, or a checkpoint path
+    overwrite: bool = False        # start over: delete run_dir's checkpoints/ and metrics.jsonl first
     max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
     recompute: str = "none"        # activation recomputation: none, full (whole blocks) or selective
     compile: str = "auto"          # torch.compile of norms, SwiGLU and RoPE: auto (regions on CUDA), none, regions
@@ -61,6 +62,9 @@ class TrainConfig:
             raise ValueError(f"train.compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
         if not self.resume:
             raise ValueError('train.resume must be "auto", "never" or a checkpoint path, got ""')
+        if self.overwrite and self.resume not in ("auto", "never"):
+            raise ValueError(f"train.overwrite=true starts the run directory over and cannot resume from "
+                             f"train.resume={self.resume}: use train.resume=auto or never, or another train.run_dir")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"train.peak_tflops must be > 0 (or null: from the device name), got {self.peak_tflops}")
         if not self.run_dir:
@@ -73,6 +77,13 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        # a sample is one document at worst, so positions reach seq_len - 1
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                             f"{self.model.max_position_embeddings}; lower data.seq_len (or raise "
+                             f"model.max_position_embeddings if the model was trained for it)")
 
 
 def from_dict(cls, data, path: str = ""):

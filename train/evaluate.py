@@ -11,16 +11,21 @@ A model comes from either
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
-from data import DataConfig, build_loader
+from data import DataConfig, build_loader, prepare_demo
+from data.shards import read_manifest
+from data.tokenizer import load_tokenizer
 from model import build_model
 from model.config import ModelConfig
 from .config import RunConfig
 from .export import read_checkpoint
+
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -71,6 +76,7 @@ def data_config(loaded: Loaded, data_path: str | None = None, seq_len: int | Non
         if not os.path.isfile(os.path.join(data_path, "manifest.json")):
             raise ValueError(f"--data {data_path}: not a token shard directory (no manifest.json); "
                              f"make one with launch/prepare_data.py")
+        check_sample_tokenizer(loaded, data_path)
         cfg = DataConfig(name="shards", path=data_path, seq_len=seq_len or 256)
     elif loaded.run is None:
         raise ValueError(f"{loaded.path} holds no training run config, so there is no default sample "
@@ -80,6 +86,37 @@ def data_config(loaded: Loaded, data_path: str | None = None, seq_len: int | Non
         if seq_len:
             cfg = replace(cfg, seq_len=seq_len)
     return cfg
+
+
+def check_sample_tokenizer(loaded: Loaded, data_path: str) -> None:
+    """Refuse shards at `data_path` made by another tokenizer than the model's (its training
+    data's, or the tokenizer files of a converted directory); warn when that is unknown."""
+    shards = read_manifest(data_path)["tokenizer"]
+    ours = model_tokenizer_fingerprint(loaded)
+    if ours is None:
+        log.warning("--data %s: the tokenizer of %s is unknown (no tokenizer files, or its training "
+                    "data moved), so nothing shows that these shards (tokenizer %s) were made with it",
+                    data_path, loaded.path, shards["path"])
+    elif ours != shards["fingerprint"]:
+        raise ValueError(f"--data {data_path} was tokenized by another tokenizer ({shards['kind']} "
+                         f"{shards['path']}) than the model {loaded.path} was trained with; "
+                         f"prepare it with the model's tokenizer")
+
+
+def model_tokenizer_fingerprint(loaded: Loaded) -> str | None:
+    """Fingerprint of the tokenizer the model's tokens come from: the tokenizer files of a
+    converted directory, else the training run's data; None where unknown."""
+    try:
+        if loaded.run is None:
+            return load_tokenizer(loaded.path).fingerprint
+        data = loaded.run.data
+        if data.tokenizer:
+            return load_tokenizer(data.tokenizer).fingerprint
+        if data.name == "shards":
+            return read_manifest(data.source_specs()[0].path)["tokenizer"]["fingerprint"]
+        return prepare_demo(data).tokenizer.fingerprint
+    except (OSError, ValueError):  # no tokenizer files, or the run's data moved
+        return None
 
 
 def sample_batches(cfg: DataConfig, samples: int, *, batch_size: int = 8, seed: int = 0,
@@ -125,14 +162,16 @@ def add_cli_args(ap, samples: int, samples_help: str) -> None:
     """The arguments the analysis command lines share: CHECKPOINT, --data, --samples, --seq-len,
     --batch-size, --k, --seed, --device, --overwrite."""
     ap.add_argument("checkpoint", help="training checkpoint, run directory or converted directory")
-    ap.add_argument("--data", default=None, help="token shard directory (launch/prepare_data.py); "
-                    "default: the training run's own data")
+    ap.add_argument("--data", default=None, help="token shard directory (launch/prepare_data.py) "
+                    "made with the model's tokenizer; None: the training run's own data")
     ap.add_argument("--samples", type=int, default=samples, help=samples_help)
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--k", type=float, default=None, help="spike threshold divisor (default: model.spike.k)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; None: the run's "
+                    "data.seq_len (256 with --data)")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    ap.add_argument("--k", type=float, default=None, help="spike threshold divisor; None: model.spike.k")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample stream")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: CUDA when there is one")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 

@@ -9,12 +9,16 @@ ranks or the ZeRO stage that wrote them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import yaml
 
+from data.demo import prepare_demo
+from data.shards import read_manifest
+
 from model.convert import save_hf_checkpoint
-from .checkpoint import CONFIG_FILE, LATEST, METADATA, CheckpointTensors
+from .checkpoint import CONFIG_FILE, LATEST, METADATA, CheckpointTensors, verify_checkpoint
 from .config import RunConfig, from_dict
 
 
@@ -32,8 +36,10 @@ def resolve_checkpoint(path: str) -> str:
 
 def read_checkpoint(checkpoint: str) -> tuple[str, RunConfig, CheckpointTensors]:
     """(checkpoint directory, its run config, its model tensors read on access) for a checkpoint,
-    run or `checkpoints/` directory. Errors name the file at fault."""
+    run or `checkpoints/` directory, every file verified against the checkpoint's manifest.
+    Errors name the file at fault."""
     path = resolve_checkpoint(checkpoint)
+    verify_checkpoint(path)
     config_path = os.path.join(path, CONFIG_FILE)
     try:
         with open(config_path) as f:
@@ -43,15 +49,31 @@ def read_checkpoint(checkpoint: str) -> tuple[str, RunConfig, CheckpointTensors]
     return path, cfg, CheckpointTensors(path)
 
 
+def data_tokenizer(data) -> str | None:
+    """The tokenizer the run's data was made with: `data.tokenizer`, the demo corpus's
+    sentencepiece model (rebuilt from its cache if gone), or the one the first shard directory's
+    manifest names (None when that file no longer exists)."""
+    if data.tokenizer:
+        return data.tokenizer
+    if data.name == "demo":
+        return str(prepare_demo(data).tokenizer.path)
+    try:
+        path = read_manifest(Path(data.source_specs()[0].path).expanduser())["tokenizer"]["path"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if os.path.exists(path) else None
+
+
 def export_checkpoint(checkpoint: str, dst: str, *, dtype: torch.dtype = torch.bfloat16,
                       overwrite: bool = False, max_shard_size="5GB") -> dict:
-    """Writes DST (config.json, safetensors shards + index, tokenizer files of the run's
-    `train.init_from` when there are any) from a training checkpoint. Returns a summary."""
+    """Writes DST (config.json, safetensors shards + index, the modeling files for
+    transformers, the tokenizer of the run's data, else of its `train.init_from` folder) from a
+    training checkpoint. Returns a summary."""
     path, cfg, state = read_checkpoint(checkpoint)
     init_from = cfg.train.init_from
+    tokenizer = data_tokenizer(cfg.data) or (init_from if init_from and os.path.isdir(init_from) else None)
     index = save_hf_checkpoint(state, cfg.model, dst, dtype=dtype, overwrite=overwrite,
-                               max_shard_size=max_shard_size,
-                               tokenizer_from=init_from if init_from and os.path.isdir(init_from) else None)
+                               max_shard_size=max_shard_size, tokenizer_from=tokenizer)
     return {"exported": dst, "checkpoint": path, "model": cfg.model.name,
             "tensors": len(index["weight_map"]), "bytes": index["metadata"]["total_size"],
             "dtype": str(dtype).removeprefix("torch.")}

@@ -11,7 +11,8 @@ log = logging.getLogger("train")
 
 
 class MetricsLogger:
-    """Accumulates per-step values between log points and writes their means (rank 0 only).
+    """Accumulates per-step values between log points and writes their means (rank 0 only; the
+    run directory exists once the run starts).
 
     peak_flops: one device's peak FLOP/s (`train.flops.device_peak_flops`), None when unknown;
     num_gpus: the devices of the run (world size), over which model FLOPs are spread."""
@@ -21,12 +22,19 @@ class MetricsLogger:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled, self.max_steps = enabled, max_steps
         self.peak_flops, self.num_gpus = peak_flops, num_gpus
-        if enabled:
-            os.makedirs(run_dir, exist_ok=True)
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
         self._t0, self._loss, self._loss_steps, self._steps, self._tokens = now, 0.0, 0, 0, 0
+
+    def window(self) -> dict:
+        """The loss sums of the steps since the last row (saved with a checkpoint)."""
+        return {"loss": self._loss, "loss_steps": self._loss_steps}
+
+    def restore(self, window: dict) -> None:
+        """Continues the window of `window()` (a resume), so the next row averages the same steps
+        as in an uninterrupted run; throughput counts only the steps since the resume."""
+        self._loss, self._loss_steps = float(window["loss"]), int(window["loss_steps"])
 
     def add(self, loss: float, tokens: int):
         """A non-finite loss (a skipped step) is left out of the mean."""
@@ -37,13 +45,33 @@ class MetricsLogger:
         self._tokens += tokens
 
     def drop_rows_after(self, step: int) -> None:
-        """Keeps the rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
+        """Keeps the rows up to `step`: a resumed run rewrites what came after its checkpoint, a
+        fresh one (step 0) drops the rows of an attempt stopped before its first checkpoint. A
+        torn last line (a crash or full disk mid-append) is dropped with a warning; a damaged
+        line before it is a ValueError naming the file and line."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
-        keep = [line for line in lines if json.loads(line)["step"] <= step]
-        if len(keep) != len(lines):
+            text = f.read()
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        keep, later = [], 0
+        for n, line in lines:
+            try:
+                row = json.loads(line)
+                if not isinstance(row.get("step"), int):
+                    raise ValueError("no integer step")
+            except (ValueError, AttributeError) as e:
+                if n != lines[-1][0]:
+                    raise ValueError(f"{self.path}, line {n}: damaged row ({e}); repair or delete that line") from None
+                log.warning("%s: dropped a torn last line (%s...), written when a run stopped", self.path, line[:40])
+                continue
+            if row["step"] <= step:
+                keep.append(line + "\n")
+            else:
+                later += 1
+        if later:
+            log.info("%s: dropped %d row(s) logged after step %d", self.path, later, step)
+        if "".join(keep) != text:
             tmp = f"{self.path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 f.writelines(keep)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 
@@ -15,8 +14,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model
                                                      set_optimizer_state_dict)
 
 from .checkpoint import (CONFIG_FILE, FORMAT, LATEST, REQUIRED, SHARDS_DIR, STATE_FILE, VERSION,
-                         checkpoints_dir, latest_checkpoint, rng_file, seed_rng, set_rng_state,
-                         sharded_state)
+                         checkpoints_dir, latest_checkpoint, read_state, rng_file, seed_rng, set_rng_state,
+                         sharded_state, verify_checkpoint)
 
 log = logging.getLogger("train")
 
@@ -24,10 +23,11 @@ log = logging.getLogger("train")
 def resolve_resume(cfg) -> str | None:
     """The checkpoint directory to resume from, or None to start fresh. cfg: RunConfig.
 
-    "auto" follows `run_dir/checkpoints/latest` when it exists; a path may name a checkpoint, a
-    `checkpoints/` folder or a run directory (the last two stand for their `latest`)."""
+    "auto" follows `run_dir/checkpoints/latest` when it exists (unless train.overwrite starts the
+    run over); a path may name a checkpoint, a `checkpoints/` folder or a run directory (the last
+    two stand for their `latest`)."""
     t = cfg.train
-    if t.resume == "never":
+    if t.resume == "never" or t.overwrite:
         return None
     if t.resume == "auto":
         path = latest_checkpoint(t.run_dir)
@@ -61,13 +61,17 @@ def check_complete(path: str, what: str) -> None:
                          f"version that wrote it and continue with train.init_from")
 
 
-def read_state(path: str) -> dict:
-    file = os.path.join(path, STATE_FILE)
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: cannot read the checkpoint state ({e})") from None
+def check_unused_run_dir(t) -> None:
+    """Refuses train.resume=never in a run directory that holds a run (TrainConfig `t`): its
+    metrics rows and checkpoints would mix with the new run's."""
+    folder = checkpoints_dir(t.run_dir)
+    held = [name for name, there in (("metrics.jsonl", os.path.isfile(os.path.join(t.run_dir, "metrics.jsonl"))),
+                                     ("checkpoints", os.path.isdir(folder) and bool(os.listdir(folder)))) if there]
+    if held:
+        raise ValueError(f"train.run_dir={t.run_dir} already holds a run ({', '.join(held)}) and "
+                         f"train.resume=never would mix a second one into it: set train.overwrite=true to "
+                         f"delete it and start over, train.resume=auto to continue it, or choose another "
+                         f"train.run_dir")
 
 
 def check_model_config(path: str, model_cfg) -> None:
@@ -95,6 +99,7 @@ def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
     cfg, mesh = trainer.cfg, trainer.mesh
     state = read_state(path)
     check_model_config(path, cfg.model)
+    trainer.checkpointer.last_bytes = verify_checkpoint(path, trainer.checkpointer.group)
     shards = os.path.join(path, SHARDS_DIR)
     target = sharded_state(model, trainer.optimizer)  # this rank's shards, in the layout of this run
     # The checkpoint keeps one rank's param_groups (non-tensor entries are written once), which
@@ -117,7 +122,11 @@ def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
         raise ValueError(f"{os.path.join(path, STATE_FILE)}: malformed checkpoint state ({e})") from None
     rng = os.path.join(path, rng_file(mesh.rank))
     if state.get("world_size") == mesh.world_size and os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=False))  # our own file: numpy state is not a tensor
+        try:  # our own file: numpy state is not a tensor
+            saved = torch.load(rng, weights_only=False)
+        except Exception as e:  # damaged (checkpoints without a manifest are not verified)
+            raise ValueError(f"{rng}: cannot read the RNG state ({_first_line(e)})") from None
+        set_rng_state(saved)
     else:  # a different rank layout: fresh streams from (seed, step, rank)
         seed_rng(cfg.train.seed, trainer.step, mesh.rank)
     if mesh.is_main:

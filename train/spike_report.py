@@ -270,10 +270,15 @@ def capture_report(caps: dict[str, Capture], window: int) -> dict:
 
 
 def default_out(checkpoint: str) -> str:
-    """`<checkpoint dir>/spikes`, the run directory resolved to its newest checkpoint."""
+    """`RUN_DIR/analysis/step_NNNNNNNN/spikes` for a training checkpoint (a run directory stands
+    for its newest one): outside `checkpoints/`, so pruning the checkpoint keeps the analysis;
+    `DIR/spikes` for a converted directory."""
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         return os.path.join(os.path.abspath(checkpoint), "spikes")
-    return os.path.join(os.path.abspath(resolve_checkpoint(checkpoint)), "spikes")
+    path = os.path.abspath(resolve_checkpoint(checkpoint))
+    folder, step = os.path.split(path)
+    run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    return os.path.join(run_dir, "analysis", step, "spikes")
 
 
 def _describe(data, data_path, seed) -> dict:

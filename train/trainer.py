@@ -18,6 +18,7 @@ from parallel import comm
 from parallel.parallelize import compute_dtype
 from parallel.sequence import ShardedSequenceContext
 from .checkpoint import Checkpointer, stage
+from .errors import TrainingError
 from .flops import device_peak_flops
 from .metrics import MetricsLogger
 from .optim import lr_at, set_lr
@@ -50,10 +51,6 @@ class _Routed:
         self.aux_loss = sum((s.balance_loss() for s in router), torch.zeros((), device=router[0].prob_sum.device))
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row)."""
-
-
 class Trainer:
     """Runs `cfg.train.max_steps` optimizer steps.
 
@@ -64,8 +61,10 @@ class Trainer:
 
     Checkpoints are saved every `train.save_every` steps, at the end of `fit` and when SIGTERM or
     SIGUSR1 arrives (then at the end of the current step, after which `fit` returns normally and
-    the process exits with code 0). A step whose loss or gradient norm is NaN/Inf is skipped
-    (no optimizer update) and counted in `skipped_steps`.
+    the process exits with code 0). A checkpoint that cannot be written (a full disk) stops the
+    run with a TrainingError at the end of the step in which its background write failed. A
+    step whose loss or gradient norm is NaN/Inf is skipped (no optimizer update) and counted in
+    `skipped_steps`.
     """
 
     def __init__(self, cfg, mesh, engine, optimizer, loader):
@@ -91,11 +90,24 @@ class Trainer:
         self.stop_reason: str | None = None
 
     def resume(self, path: str) -> dict:
-        """Continues from checkpoint directory `path`; returns its state.json."""
+        """Continues from checkpoint directory `path`, and its logging window; returns its state.json."""
         state = load_checkpoint(path, self, self.model)
         self.saved_step = self.step
         self.metrics.drop_rows_after(self.step)  # rows a crashed attempt logged past the checkpoint
+        window = state.get("log_window")  # checkpoints without one start a new window
+        if window:
+            self.metrics.restore(window)
+            if "expert_load" in window and self.mesh.is_main:  # summed over the ranks at the next row
+                self.load_since_log = torch.tensor(window["expert_load"], device=self.mesh.device)
         return state
+
+    def log_window(self) -> dict:
+        """The logging window since the last row, for a checkpoint: the loss sums and, with MoE,
+        the expert load summed over all ranks (a collective: every rank calls this)."""
+        window = self.metrics.window()
+        if "moe" in self.cfg.model.ffns:
+            window["expert_load"] = comm.all_reduce(self._load_counts(), group=self.mesh.world_group).tolist()
+        return window
 
     def save(self, blocking: bool = False) -> None:
         """Stages the state to CPU now; the files are written in the background unless `blocking`.
@@ -199,12 +211,17 @@ class Trainer:
                                 f"from an earlier checkpoint or raise train.max_skipped_steps={limit}")
 
     def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal; all ranks agree so they save the same step."""
-        flag = self.stop_reason is not None
-        anywhere = comm.any_rank(flag, self.mesh.device, self.mesh.world_group)
-        if anywhere and not flag:
+        """Whether any rank got a stop signal; all ranks agree so they save the same step. A
+        background checkpoint write that failed on any rank stops every rank here, with its error."""
+        flags = torch.tensor([float(self.stop_reason is not None), float(self.checkpointer.failed())],
+                             device=self.mesh.device)
+        stop, failed = comm.all_reduce(flags, "max", self.mesh.world_group).tolist()
+        if failed:
+            self.checkpointer.wait()  # raises this rank's error when its write failed too
+            raise TrainingError("writing a checkpoint failed on another rank (its error is in that rank's log)")
+        if stop and self.stop_reason is None:
             self.stop_reason = "stop signal on another rank"
-        return anywhere
+        return bool(stop)
 
     def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():

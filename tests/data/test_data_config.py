@@ -112,7 +112,8 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 def compose_data(*overrides):
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=["+model=sb7b-tiny", *overrides])
+        # sb7b: the presets' data.seq_len 8192 is beyond the tiny models' positions (4096)
+        cfg = compose(config_name="config", overrides=["+model=sb7b", *overrides])
     return from_dict(RunConfig, OmegaConf.to_container(cfg, resolve=True)).data
 
 

@@ -76,6 +76,7 @@ def test_torchrun_one_and_two_ranks_agree(tmp_path):
     two = launch(*small_run(tmp_path / "two"), cmd=torchrun + ["--nproc-per-node", "2"],
                  tmp_path=tmp_path)
     assert two.returncode == 0, two.stderr
+    assert "FutureWarning" not in one.stderr + two.stderr  # e.g. DDP's deprecated broadcast_buffers
     read = lambda d: [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
     a, b = read(tmp_path / "one"), read(tmp_path / "two")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)

@@ -25,7 +25,7 @@ def spikes(*args):
 
 def test_writes_report_and_figures(tiny_run, tmp_path, capsys):
     out = tmp_path / "spikes"
-    assert spikes(tiny_run, "--out", out, "--k", "4", *SMALL) == 0
+    assert spikes(tiny_run, "--out", out, "--k", "4", "--json", *SMALL) == 0
     summary = json.loads(capsys.readouterr().out.strip())
     assert summary["out"] == str(out) and summary["k"] == 4.0
     assert set(summary["sparsity"]) == {"binary", "ternary", "bitwise", "twos_complement"}
@@ -48,13 +48,13 @@ def test_writes_report_and_figures(tiny_run, tmp_path, capsys):
     assert report["raster"]["capture"] == "layers.1.mlp.gate_proj" and report["k"] == 3.0
 
 
-def test_default_out_is_next_to_the_checkpoint(tiny_run, tmp_path, capsys):
+def test_default_out_is_in_the_run_dir_outside_the_checkpoints(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)  # keep the shared run untouched
-    assert spikes(run, *SMALL) == 0
+    assert spikes(run, "--json", *SMALL) == 0
     out = json.loads(capsys.readouterr().out)["out"]
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    assert out == str(run / "checkpoints" / latest / "spikes")
+    assert out == str(run / "analysis" / latest / "spikes")  # pruning the checkpoint keeps it
     assert os.path.isfile(os.path.join(out, "report.json"))
 
 

@@ -246,7 +246,7 @@ def test_bf16_default_and_cli(sources, tmp_path):
     dst = tmp_path / "cli"
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "launch", "convert.py"), *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
-    r = run(sources["bin"], str(dst), "--target", "sb7b", "--sliding-window", "64")
+    r = run(sources["bin"], str(dst), "--target", "sb7b", "--sliding-window", "64", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["peak_rss_mb"] > 0 and summary["dtype"] == "bfloat16"

@@ -80,7 +80,7 @@ def test_latest_files_and_pruning(data_cfg, tmp_path):
     assert sorted(os.listdir(folder)) == ["latest", "step_00000004", "step_00000005"]
     assert (folder / "latest").read_text().strip() == "step_00000005"
     names = sorted(os.listdir(folder / "step_00000005"))
-    assert names == ["config.yaml", "rng_rank0.pt", "shards", "state.json"]
+    assert names == ["config.yaml", "manifest.json", "rng_rank0.pt", "shards", "state.json"]
     assert ".metadata" in os.listdir(folder / "step_00000005" / "shards")
     state = state_of(folder / "step_00000005")
     assert state["format"] == "spikingbrain-checkpoint" and state["version"] == 2
@@ -179,9 +179,14 @@ def test_resume_errors_name_the_problem(data_cfg, tmp_path):
     for name in os.listdir(shards):
         if name.endswith(".distcp"):
             (shards / name).write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="step_00000002/shards/__0_0.distcp: 100 bytes, the manifest says"):
+        build(make_cfg(data_cfg, tmp_path), mesh)
+    checkpoint = shards.parent  # as written before checkpoints carried a manifest: read, not verified
+    os.remove(checkpoint / "manifest.json")
+    (checkpoint / "state.json").write_text(json.dumps({k: v for k, v in state_of(checkpoint).items() if k != "manifest"}))
     with pytest.raises(ValueError, match="step_00000002/shards: cannot restore the model and optimizer"):
         build(make_cfg(data_cfg, tmp_path), mesh)
-    fresh = build(make_cfg(data_cfg, tmp_path, resume="never"), mesh)  # ignores the damaged checkpoint
+    fresh = build(make_cfg(data_cfg, tmp_path, resume="never", overwrite=True), mesh)  # ignores the damaged checkpoint
     assert fresh.step == 0
     fresh.loader.close()
 

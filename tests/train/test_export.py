@@ -69,3 +69,20 @@ def test_written_weights_get_the_usual_permissions(tiny_run, tmp_path):
     for path in (os.path.join(resolve_checkpoint(tiny_run), "shards", "__0_0.distcp"),
                  str(tmp_path / "hf" / "model-00001-of-00001.safetensors")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
+
+
+def test_export_carries_the_tokenizer_of_the_run_data(tmp_path):
+    """A run on the demo corpus exports its sentencepiece tokenizer in a form AutoTokenizer reads,
+    encoding as the run's tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from data import prepare_demo
+    from train.export import export_checkpoint
+
+    data = DataConfig(seq_len=32, demo_chars=100_000, vocab_size=512, cache_dir=str(tmp_path / "cache"))
+    train = TrainConfig(max_steps=1, global_batch=2, warmup_steps=0, run_dir=str(tmp_path / "run"))
+    run(RunConfig(model=model_config("sb7b-tiny"), data=data, train=train))
+    export_checkpoint(str(tmp_path / "run"), str(tmp_path / "exported"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "exported"), trust_remote_code=True)
+    text = "The quick brown fox jumps over the lazy dog."
+    assert tok.encode(text, add_special_tokens=False) == prepare_demo(data).tokenizer.encode(text)

@@ -97,7 +97,8 @@ def cli(*args):
 
 def test_cli_writes_export_and_report(tiny_run, tmp_path):
     dst = tmp_path / "q"
-    r = cli(tiny_run, str(dst), "--samples", "2", "--eval-samples", "2", "--seq-len", "32", "--device", "cpu")
+    r = cli(tiny_run, str(dst), "--samples", "2", "--eval-samples", "2", "--seq-len", "32", "--device", "cpu",
+            "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["exported"] == str(dst) and (dst / REPORT_FILE).is_file() and (dst / "config.json").is_file()
