@@ -182,10 +182,12 @@ def test_converted_directory_reads_held_out_shards(tiny_run, tok, tmp_path):
     """An export has no run config: --data is needed, and its loss equals the checkpoint's."""
     dst = str(tmp_path / "hf")
     export_checkpoint(tiny_run, dst, dtype=torch.float32)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # an export without them
+        (tmp_path / "hf" / name).unlink(missing_ok=True)
     shards = write_shards(tmp_path, "held_out", tokenizer=tok.path)
     common = dict(seq_len=256, samples=2, first_bucket=64, passkey_lengths=[], data_path=shards)
     with pytest.raises(ValueError, match="cannot load the tokenizer .* pass --tokenizer"):
-        lc.evaluate_long_context(dst, **common)   # the tiny run had no tokenizer files to export
+        lc.evaluate_long_context(dst, **common)
     got = lc.evaluate_long_context(dst, tokenizer=str(tok.path), **common)
     assert got["step"] is None and got["data"]["source"] == "--data" and got["data"]["packed"] == 0
     ours = lc.evaluate_long_context(tiny_run, **common)

@@ -133,6 +133,11 @@ def test_sample_text_from_another_tokenizer(tiny_run, demo_shards, tmp_path, cap
     assert "was tokenized by another tokenizer" in capsys.readouterr().err
     export = tmp_path / "export"
     assert convert(["--export", tiny_run, str(export), "--dtype", "fp32"]) == 0
+    assert (export / "tokenizer.model").is_file()  # exports carry the run data's tokenizer
+    with pytest.raises(ValueError, match="was tokenized by another tokenizer"):
+        check_sample_tokenizer(load_model(str(export)), str(demo_shards["other"]))
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (export / name).unlink(missing_ok=True)
     with caplog.at_level(logging.WARNING, logger="train"):  # no tokenizer files: only a warning
         check_sample_tokenizer(load_model(str(export)), str(demo_shards["other"]))
     assert "tokenizer of" in caplog.text and "is unknown" in caplog.text
