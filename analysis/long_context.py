@@ -44,7 +44,7 @@ from data.tokenizer import Tokenizer, load_tokenizer
 from model.context import SequenceContext
 from ops.loss import default_chunk_tokens
 from train.checkpoint import read_state, step_name
-from train.evaluate import Loaded, autocast, data_config, load_model
+from analysis.evaluate import Loaded, autocast, data_config, load_model
 from train.export import resolve_checkpoint
 
 SEQ_LEN = 131072

@@ -1,5 +1,5 @@
 """Figures of a run report (`analysis.report`): PNG files drawn with matplotlib's Agg canvas in
-the style of the firing figures (`train.spike_figures`), sized for a paper column pair.
+the style of the firing figures (`analysis.spike_figures`), sized for a paper column pair.
 
 Every function takes plain sequences (the report extracts them from the run's files), writes one
 PNG atomically (a temporary name renamed at the end, so a reader never sees half a file) and
@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.ticker import EngFormatter, MaxNLocator, PercentFormatter
 
 # the shared canvas and style; both move with the firing figures into analysis/ later
-from train.spike_figures import CODING_LABEL, STYLE, _figure
+from analysis.spike_figures import CODING_LABEL, STYLE, _figure
 
 TOKENS = EngFormatter(sep="")  # 1.5M, 150G: tokens read at a glance
 SKIP = "#d62728"

@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 def main(argv=None) -> int:
     from launch.cli import emit, parser
-    from train.evaluate import resolve_device
+    from analysis.evaluate import resolve_device
 
     ap = parser(__doc__)
     ap.add_argument("checkpoint", help="training checkpoint, run directory or converted directory")

@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 
 def main(argv=None) -> int:
     from launch.cli import emit, megabytes, parser
-    from train.evaluate import add_cli_args, resolve_device
+    from analysis.evaluate import add_cli_args, resolve_device
 
     ap = parser(__doc__)
     add_cli_args(ap, 128, "calibration sequences")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from train.quantize import w8aspike
+    from analysis.quantize import w8aspike
 
     try:
         device = resolve_device(args.device)

@@ -28,7 +28,7 @@ if ROOT not in sys.path:
 
 def main(argv=None) -> int:
     from launch.cli import emit, parser
-    from train.evaluate import add_cli_args, resolve_device
+    from analysis.evaluate import add_cli_args, resolve_device
 
     ap = parser(__doc__)
     add_cli_args(ap, 8, "sample sequences")
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from model.hf.checkpoint import check_output_dir
-    from train.spike_report import analyze, default_out, save_report
+    from analysis.spike_report import analyze, default_out, save_report
 
     try:
         device = resolve_device(args.device)

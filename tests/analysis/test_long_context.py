@@ -15,7 +15,7 @@ from data.demo import demo_documents
 from data.prepare import prepare_shards
 from data.tokenizer import load_tokenizer
 from launch.evaluate import main as evaluate
-from train.evaluate import data_config, load_model
+from analysis.evaluate import data_config, load_model
 from train.export import export_checkpoint
 from tests.data.test_hf_tokenizer import EOS, build_bpe
 

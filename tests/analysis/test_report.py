@@ -60,7 +60,7 @@ def moe_run(tmp_path_factory):
     from tests.helpers import model_config
     from train import RunConfig, run
     from train.config import TrainConfig
-    from train.spike_report import analyze, default_out, save_report
+    from analysis.spike_report import analyze, default_out, save_report
 
     root = tmp_path_factory.mktemp("moe_run")
     run_dir = str(root / "run")

@@ -111,7 +111,7 @@ def demo_shards(tiny_run, tmp_path_factory):
     from data import prepare_demo
     from data.prepare import prepare_shards
     from data.tokenizer import train_sentencepiece
-    from train.evaluate import load_model
+    from analysis.evaluate import load_model
 
     root = tmp_path_factory.mktemp("sample")
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 3}\n" * 5 for i in range(40)]
@@ -126,7 +126,7 @@ def demo_shards(tiny_run, tmp_path_factory):
 def test_sample_text_from_another_tokenizer(tiny_run, demo_shards, tmp_path, capsys, caplog):
     from launch.convert import main as convert
     from launch.spikes import main as spikes
-    from train.evaluate import check_sample_tokenizer, load_model
+    from analysis.evaluate import check_sample_tokenizer, load_model
 
     args = ["--samples", "2", "--seq-len", "32", "--out", str(tmp_path / "spikes")]
     assert spikes([tiny_run, "--data", str(demo_shards["other"]), *args]) == 1  # the run's own is the demo's

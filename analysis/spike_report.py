@@ -1,9 +1,9 @@
 """Firing analysis of a trained model: the spike counts entering every spiked projection.
 
     report, raster = analyze(checkpoint, samples=8)
-    save_report(out_dir, report, raster)      # report.json + PNG figures (train.spike_figures)
+    save_report(out_dir, report, raster)      # report.json + PNG figures (analysis.spike_figures)
 
-1. Load the model in full precision (`train.evaluate`), draw the sample text, measure the loss.
+1. Load the model in full precision (`analysis.evaluate`), draw the sample text, measure the loss.
 2. Attach spiking at k (`model.spiking.attach_spiking`, as training does) and, ahead of each
    spiking hook, a capture hook (`SpikeCapture`) that recomputes the integer counts of the same
    input with the same op; measure the loss again, which runs the capture. Projections fed the
@@ -46,7 +46,7 @@ from model.spike_coding import CODINGS, spike_stats_from_histogram
 from model.spiking import attach_spiking, detach_spiking, projections, target_of
 from ops.spike import spike_quantize
 from .evaluate import data_config, evaluate_loss, load_model, sample_batches
-from .export import resolve_checkpoint
+from train.export import resolve_checkpoint
 
 REPORT_FILE = "report.json"
 HIST_RANGE = (-32, 32)

@@ -1,4 +1,4 @@
-"""Figures of a firing report (`train.spike_report`): PNG files drawn with matplotlib's Agg
+"""Figures of a firing report (`analysis.spike_report`): PNG files drawn with matplotlib's Agg
 canvas (no pyplot, no display, no global backend switch).
 
 - `raster_<coding>.png`: spike trains of a window of tokens x neurons of one capture, each

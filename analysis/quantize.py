@@ -2,7 +2,7 @@
 
     report = w8aspike(checkpoint, dst, samples=128)
 
-1. Load the model (training checkpoint, run directory or converted directory; `train.evaluate`).
+1. Load the model (training checkpoint, run directory or converted directory; `analysis.evaluate`).
 2. Draw `samples` calibration sequences and, after them in the same stream, `eval_samples`
    evaluation sequences, so the two sets never overlap.
 3. With spiking attached at k, measure E[x^2] of every projection's (spiked) input on the

@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from model.hf import load_hf_checkpoint
 from model.hf.quantized import load_quantized
-from train.evaluate import data_config, evaluate_loss, load_model, sample_batches
-from train.quantize import REPORT_FILE, w8aspike
+from analysis.evaluate import data_config, evaluate_loss, load_model, sample_batches
+from analysis.quantize import REPORT_FILE, w8aspike
 from tests.helpers import ROOT, train_tiny
 
 SMALL = dict(samples=4, eval_samples=4, batch_size=4, seq_len=32)

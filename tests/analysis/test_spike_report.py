@@ -1,4 +1,4 @@
-"""Firing analysis (train/spike_report.py, train/spike_figures.py): captured counts agree with
+"""Firing analysis (analysis/spike_report.py, analysis/spike_figures.py): captured counts agree with
 the spiking op applied independently, shared inputs are recorded once, every coding is reported,
 the raster draws exactly the captured counts."""
 import json
@@ -14,9 +14,9 @@ from model.spike_coding import (CODINGS, all_spike_stats, decode, spike_stats,
 from model.spiking import attach_spiking, projections
 from ops.spike import spike_quantize
 from tests.helpers import model_config, train_tiny
-from train.evaluate import data_config, evaluate_loss, load_model, sample_batches
-from train.spike_figures import raster_image, write_figures
-from train.spike_report import (analyze, capture_names, firing_stats, save_report,
+from analysis.evaluate import data_config, evaluate_loss, load_model, sample_batches
+from analysis.spike_figures import raster_image, write_figures
+from analysis.spike_report import (analyze, capture_names, firing_stats, save_report,
                                 two_populations)
 
 SMALL = dict(samples=3, seq_len=32, batch_size=2, neurons=16, tokens=5)

@@ -22,8 +22,8 @@ from data.shards import read_manifest
 from data.tokenizer import load_tokenizer
 from model import build_model
 from model.config import ModelConfig
-from .config import RunConfig
-from .export import read_checkpoint
+from train.config import RunConfig
+from train.export import read_checkpoint
 
 log = logging.getLogger("train")
 
