@@ -8,12 +8,18 @@ which report.md says:
   other fields are used where present and finite: `loss`, `val_loss`, `lr`, `grad_norm`,
   `tokens` (consumed so far), `tokens_per_s`, `mfu`, `tflops_per_gpu`, `skipped_steps` (so far),
   `peak_mem_gib`, `expert_load` ([MoE layer][expert] shares of the window's routed tokens),
-  `expert_load_max`, and `stage` (a recipe stage's name; where it changes, the figures draw a
+  `expert_load_max`, `balance_loss`, `firing_rate` ({spike target: share of spike counts != 0}
+  in training, `train/observe.py`), and `stage` (a recipe stage's name; where it changes, the figures draw a
   boundary). A torn last line (the run is writing it, or stopped mid-append) and damaged lines
   are skipped with a note: the report runs on a live run's files.
 - `config.yaml`: the model's name, and which layers are MoE (the heatmap's labels).
 - `analysis/*/spikes/report.json` (`launch/spikes.py`): firing rate by layer for every coding.
 - `eval/*.json`: `loss_by_position` {bucket: loss}, buckets in order (the long-context evaluation).
+
+A recipe run directory (`RUN_DIR/recipe.json`, `train.recipe`) reads every stage's directory
+`stages/NN-NAME` in order: the rows one after the other, steps counted on across stages, each
+row's `stage` the stage's name; the evaluations and firing analyses of every stage; the config of
+the latest stage begun.
 
 Files are written in place, each atomically; a figure the run no longer has data for is removed.
 """
@@ -31,6 +37,8 @@ from model.config import LayerPlan
 from . import report_figures as figs
 
 METRICS = "metrics.jsonl"
+RECIPE = "recipe.json"      # a recipe run directory: stages/NN-NAME, each a run directory
+STAGES = "stages"
 REPORT = "report.md"
 FIGURES = {"loss": "loss.png", "lr": "lr.png", "throughput": "throughput.png",
            "grad_norm": "grad_norm.png", "expert_load": "expert_load.png",
@@ -67,6 +75,48 @@ def read_metrics(path: str) -> tuple[list[dict], list[str]]:
         else:
             notes.append(f"{METRICS} line {n}: skipped, not a metrics row: `{_clip(line)}`")
     return rows, notes
+
+
+def stage_dirs(run_dir: str) -> list[tuple[str, str, int | None]]:
+    """[(stage name, directory, steps)] of a recipe run directory (`RUN_DIR/recipe.json`, written
+    by the recipe runner, `train.recipe`), in order; [] for a plain run directory."""
+    path = os.path.join(run_dir, RECIPE)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            entries = json.load(f)["stages"]
+        return [(e["name"], os.path.join(run_dir, e["dir"]), e.get("max_steps")) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the recipe state ({e})") from None
+
+
+def read_run_metrics(run_dir: str) -> tuple[list[dict], list[str]]:
+    """The rows of a run directory; for a recipe run directory every stage's rows in stage order,
+    their steps counted on from the previous stages' (`stage_step`: the step within the stage)
+    and `stage` set. The token counts already continue across stages."""
+    stages = stage_dirs(run_dir)
+    if not stages:
+        return read_metrics(os.path.join(run_dir, METRICS))
+    rows, notes, offset = [], [], 0
+    for name, folder, steps in stages:
+        path = os.path.join(folder, METRICS)
+        if not os.path.isfile(path):
+            continue  # a stage not started yet
+        own, own_notes = read_metrics(path)
+        notes += [f"stage {name}: {n}" for n in own_notes]
+        for r in own:
+            r["stage_step"], r["step"] = r["step"], r["step"] + offset
+            r.setdefault("stage", name)
+        rows += own
+        offset += steps if isinstance(steps, int) else (own[-1]["stage_step"] if own else 0)
+    return rows, notes
+
+
+def run_folders(run_dir: str) -> list[tuple[str, str]]:
+    """[(label prefix, directory)] holding a run's analyses and evaluations: the run directory,
+    and a recipe's stage directories."""
+    return [("", run_dir)] + [(f"{name} ", folder) for name, folder, _ in stage_dirs(run_dir)]
 
 
 def _clip(line: str, width: int = 40) -> str:
@@ -129,6 +179,9 @@ def summarize(rows: list[dict], last: int = 10) -> dict:
             "tflops_per_gpu": _mean_last(rows, "tflops_per_gpu", last),
             "skipped_steps": int(skipped[-1]) if skipped else None,
             "expert_load_max": _extreme(rows, "expert_load_max", max),
+            "balance_loss": _mean_last(rows, "balance_loss", last),
+            "firing_rate": next(((r["step"], r["firing_rate"]) for r in reversed(rows)
+                                 if isinstance(r.get("firing_rate"), dict) and r["firing_rate"]), None),
             "peak_mem_gib": _extreme(rows, "peak_mem_gib", max), "stages": stages(rows)}
 
 
@@ -165,6 +218,23 @@ def expert_load(rows: list[dict], notes: list[str]) -> tuple[list[int], np.ndarr
     return [s for s, _ in loads], np.stack([a for _, a in loads])
 
 
+def training_firing(rows: list[dict]) -> dict | None:
+    """{target: (steps, firing rates)} of the rows' training `firing_rate` ({target: share of
+    spike counts != 0}); None when no row has one (a run without model.spike.enabled)."""
+    out = {}
+    for r in rows:
+        rates = r.get("firing_rate")
+        step = number(r.get("step"))
+        if not isinstance(rates, dict) or step is None:
+            continue
+        for target, rate in rates.items():
+            if number(rate) is not None:
+                steps, values = out.setdefault(str(target), ([], []))
+                steps.append(step)
+                values.append(float(rate))
+    return out or None
+
+
 def moe_layers(config: dict, count: int) -> list[int]:
     """The indices of the MoE layers of `config` (config.yaml), or 0..count-1 when it does not
     say or disagrees with the rows' `count` layers."""
@@ -194,14 +264,15 @@ def _firing_rate(layer: dict, coding: str) -> float:
 def firing_reports(run_dir: str, notes: list[str]) -> list:
     """[(label, layers, {coding: firing rate by layer})] of the run's firing analyses, by step."""
     out = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "analysis", "*", "spikes", "report.json"))):
+    for prefix, path in [(p, f) for p, folder in run_folders(run_dir)
+                         for f in sorted(glob.glob(os.path.join(folder, "analysis", "*", "spikes", "report.json")))]:
         report = _read_json(path, notes, run_dir)
         layers = report.get("layers") if isinstance(report, dict) else None
         if not (isinstance(layers, list) and layers and all(isinstance(e, dict) for e in layers)):
             notes.append(f"{os.path.relpath(path, run_dir)}: no per-layer firing rates, skipped")
             continue
         label = os.path.basename(os.path.dirname(os.path.dirname(path)))
-        label = f"step {int(label[5:])}" if label.startswith("step_") and label[5:].isdigit() else label
+        label = prefix + (f"step {int(label[5:])}" if label.startswith("step_") and label[5:].isdigit() else label)
         rates = {c: [_firing_rate(e, c) for e in layers] for c in layers[0].get("codings", {})}
         out.append((label, [e.get("layer") for e in layers], rates))
     return out
@@ -210,7 +281,8 @@ def firing_reports(run_dir: str, notes: list[str]) -> list:
 def position_losses(run_dir: str, notes: list[str]) -> list:
     """[(file name, {bucket: loss})] of the evaluations `eval/*.json` with `loss_by_position`."""
     out = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "eval", "*.json"))):
+    for prefix, path in [(p, f) for p, folder in run_folders(run_dir)
+                         for f in sorted(glob.glob(os.path.join(folder, "eval", "*.json")))]:
         data = _read_json(path, notes, run_dir)
         if data is None:
             continue
@@ -218,7 +290,7 @@ def position_losses(run_dir: str, notes: list[str]) -> list:
         losses = {str(b): number(v) for b, v in losses.items()} if isinstance(losses, dict) else {}
         losses = {b: v for b, v in losses.items() if v is not None}
         if losses:
-            out.append((os.path.splitext(os.path.basename(path))[0], losses))
+            out.append((prefix + os.path.splitext(os.path.basename(path))[0], losses))
         else:
             notes.append(f"{os.path.relpath(path, run_dir)}: no `loss_by_position` losses, skipped")
     return out
@@ -226,7 +298,8 @@ def position_losses(run_dir: str, notes: list[str]) -> list:
 
 def read_config(run_dir: str, notes: list[str]) -> dict:
     """The run's resolved config.yaml as a dict ({} with a note when missing or unreadable)."""
-    path = os.path.join(run_dir, "config.yaml")
+    started = [folder for _, folder, _ in stage_dirs(run_dir) if os.path.isfile(os.path.join(folder, "config.yaml"))]
+    path = os.path.join(started[-1] if started else run_dir, "config.yaml")  # a recipe: its latest stage's
     try:
         with open(path) as f:
             config = yaml.safe_load(f)
@@ -273,16 +346,20 @@ def draw(run_dir: str, rows: list[dict], config: dict, out: str, notes: list[str
     load = expert_load(rows, notes)
     if load:
         steps, shares = load
+        balance = series(rows, "balance_loss")
         drawn["expert_load"] = figs.plot_expert_load(path["expert_load"], steps, shares,
-                                                     moe_layers(config, shares.shape[1]), by_step)
+                                                     moe_layers(config, shares.shape[1]), by_step,
+                                                     balance if balance[0] else None)
     else:
         missing["expert_load"] = "no row has an `expert_load` (a model without MoE layers)"
     firing = firing_reports(run_dir, notes)
-    if firing:
-        drawn["firing"] = figs.plot_firing(path["firing"], firing)
+    training = training_firing(rows)
+    if firing or training:
+        drawn["firing"] = figs.plot_firing(path["firing"], firing, training, by_step)
     else:
         missing["firing"] = ("no firing analysis in analysis/*/spikes/report.json "
-                             "(`python launch/spikes.py RUN_DIR` writes one)")
+                             "(`python launch/spikes.py RUN_DIR` writes one) and no row has a "
+                             "`firing_rate` (training with model.spike.enabled logs it)")
     positions = position_losses(run_dir, notes)
     if positions:
         drawn["loss_by_position"] = figs.plot_loss_by_position(path["loss_by_position"], positions)
@@ -300,6 +377,12 @@ def _count(value) -> str:
 
 def _at(pair, fmt: str) -> str:
     return "not logged" if pair is None else f"{pair[1]:{fmt}} (step {pair[0]})"
+
+
+def _rates(pair) -> str:
+    if pair is None:
+        return "not logged"
+    return ", ".join(f"{t} {r:.3f}" for t, r in pair[1].items() if number(r) is not None) + f" (step {pair[0]})"
 
 
 def _mean(pair, fmt: str) -> str:
@@ -324,6 +407,8 @@ def markdown(run_dir: str, config: dict, summary: dict, drawn: dict, missing: di
              f"| skipped steps | {_count(s['skipped_steps'])} |",
              "| max expert-load imbalance (busiest expert / mean) | "
              f"{_at(s['expert_load_max'], '.4f')} |",
+             f"| balance loss | {_mean(s['balance_loss'], '.4g')} |",
+             f"| firing rate in training (share of spike counts != 0) | {_rates(s['firing_rate'])} |",
              f"| peak memory (GiB) | {_at(s['peak_mem_gib'], '.2f')} |", ""]
     if s["stages"]:
         lines += ["## Stages", "", "| stage | steps | tokens at its start |", "| --- | --- | --- |"]
@@ -351,10 +436,12 @@ def write_report(run_dir: str, out: str | None = None, last: int = 10) -> dict:
     metrics = os.path.join(run_dir, METRICS)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    if not os.path.isfile(metrics):
+    recipe = bool(stage_dirs(run_dir))
+    if not recipe and not os.path.isfile(metrics):
         raise FileNotFoundError(f"{metrics}: not found; RUN_DIR must be a training run directory "
                                 f"(train.run_dir), which holds {METRICS} once the first step is logged")
-    rows, notes = read_metrics(metrics)
+    rows, notes = read_run_metrics(run_dir)
+    metrics = os.path.join(run_dir, STAGES, "*", METRICS) if recipe else metrics
     if not rows:
         raise ValueError(f"{metrics} holds no metrics rows yet (the first is written after step 1)")
     config = read_config(run_dir, notes)

@@ -128,11 +128,11 @@ def plot_grad_norm(path: str, grad_norm, skipped=(), stages=()) -> dict:
     return {"grad_norm": grad_norm, "skipped": list(skipped), "boundaries": boundaries}
 
 
-def plot_expert_load(path: str, steps, load: np.ndarray, layers, stages=()) -> dict:
+def plot_expert_load(path: str, steps, load: np.ndarray, layers, stages=(), balance=None) -> dict:
     """load float [rows, L, E]: each MoE layer's share of routed tokens per expert in each row's
-    window; layers: the L layers' indices. Top: the busiest expert over the mean share, the
-    worst layer; below: a heatmap of (layer, expert) against step, coloured by load over the
-    balanced load 1 / E."""
+    window; layers: the L layers' indices; balance: (step, balance loss) or None. Top: the
+    busiest expert over the mean share, the worst layer, and the balance loss (right axis);
+    below: a heatmap of (layer, expert) against step, coloured by load over the balanced load 1 / E."""
     rows, n_layers, n_experts = load.shape
     relative = load * n_experts
     image = relative.reshape(rows, n_layers * n_experts).T  # [L * E, rows], layer-major
@@ -148,6 +148,11 @@ def plot_expert_load(path: str, steps, load: np.ndarray, layers, stages=()) -> d
         top.plot(steps, worst, color="tab:red", lw=1.2)
         top.axhline(1, color="0.5", lw=0.8, ls=":")
         top.set_ylabel("max / mean")
+        if balance is not None:
+            right = top.twinx()
+            right.plot(*balance, color="tab:blue", lw=1.0, ls="--", label="balance loss")
+            right.set_ylabel("balance loss", color="tab:blue")
+            right.tick_params(axis="y", colors="tab:blue")
         mesh = ax.pcolormesh(x, np.arange(n_layers * n_experts + 1) - 0.5, image, cmap="magma",
                              vmin=0, vmax=max(float(image.max()), 1.0), shading="flat")
         ax.grid(False)
@@ -163,17 +168,19 @@ def plot_expert_load(path: str, steps, load: np.ndarray, layers, stages=()) -> d
         top.set_title("Expert load per MoE layer")
         _save(fig, path)
     return {"steps": list(steps), "layers": list(layers), "image": image, "worst": worst,
-            "boundaries": boundaries}
+            "balance_loss": balance, "boundaries": boundaries}
 
 
-def plot_firing(path: str, reports) -> dict:
+def plot_firing(path: str, reports, training=None, stages=()) -> dict:
     """reports: [(label, layers, {coding: firing rates by layer})], one per firing analysis (in
-    training order); one panel per coding, one line per analysis."""
+    training order); one panel per coding, one line per analysis. training: {target: (steps,
+    share of spike counts != 0)} from the metrics rows, a last panel against step (None: none)."""
     codings = list(dict.fromkeys(c for _, _, rates in reports for c in rates))
-    cols = min(len(codings), 2)
+    panels = len(codings) + (training is not None)
+    cols = min(panels, 2)
     with matplotlib.rc_context(STYLE):
-        fig = _figure(4 * cols, 3.2 * -(-len(codings) // cols))
-        axes = fig.subplots(-(-len(codings) // cols), cols, squeeze=False).ravel()
+        fig = _figure(4 * cols, 3.2 * -(-panels // cols))
+        axes = fig.subplots(-(-panels // cols), cols, squeeze=False).ravel()
         colours = matplotlib.colormaps["viridis"](np.linspace(0.1, 0.9, len(reports)))
         for ax, coding in zip(axes, codings):
             for colour, (label, layers, rates) in zip(colours, reports):
@@ -185,12 +192,26 @@ def plot_firing(path: str, reports) -> dict:
             ax.set_ylabel("firing rate (spikes / channel / step)")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        for ax in axes[len(codings):]:
+        if training is not None:
+            ax = axes[len(codings)]
+            for target, (steps, rates) in training.items():
+                ax.plot(steps, rates, lw=1.2, label=target)
+            _stage_lines(ax, list(stages))
+            ax.set_title("In training (metrics rows)" if codings else "")
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("share of spike counts != 0")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            ax.legend(frameon=False)
+        for ax in axes[panels:]:
             ax.set_visible(False)
-        axes[0].legend(frameon=False)
-        fig.suptitle("Firing rate by layer (launch/spikes.py analyses)")
+        if codings:
+            axes[0].legend(frameon=False)
+        fig.suptitle("Firing rate by layer (launch/spikes.py analyses)" if not training else
+                     "Firing rates" + (" (launch/spikes.py analyses and training)" if codings else " in training"))
         _save(fig, path)
-    return {"codings": codings, "reports": list(reports)}
+    return {"codings": codings, "reports": list(reports), "training": training}
 
 
 def plot_loss_by_position(path: str, evals) -> dict:

@@ -10,6 +10,7 @@ from .permutation import DocumentPermutation, permutation_key
 from .sources import OpenedSources, check_sources, open_sources
 from .stream import DocumentStream, Plan
 from .tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from .validation import ValidationSet, ValidationSplit
 
 __all__ = [
     "IGNORE_INDEX",
@@ -25,6 +26,8 @@ __all__ = [
     "SentencePieceTokenizer",
     "SourceSpec",
     "Tokenizer",
+    "ValidationSet",
+    "ValidationSplit",
     "build_loader",
     "check_sources",
     "open_sources",

@@ -49,6 +49,9 @@ class DataConfig:
     prefetch:   batches prepared ahead in a background thread (0: none); never changes the order.
     tokenizer:  optional tokenizer path (sentencepiece `.model`, or a `tokenizer.json` or folder
                 holding one); when set, every source must have been made by it.
+    val_docs:   documents of each source held out of training as the validation split
+                (`data/validation.py`; the same documents whatever the seed, ranks or `seq_len`);
+                0: no split, the training stream is as without this setting.
     """
 
     name: str = "demo"
@@ -61,6 +64,7 @@ class DataConfig:
     packing: str = "mixed"
     prefetch: int = 0
     tokenizer: str = ""
+    val_docs: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
@@ -70,6 +74,7 @@ class DataConfig:
         _require_int("data.demo_chars", self.demo_chars, minimum=10_000)
         _require_int("data.vocab_size", self.vocab_size, minimum=384)
         _require_int("data.prefetch", self.prefetch, minimum=0)
+        _require_int("data.val_docs", self.val_docs, minimum=0)
         for setting in ("cache_dir", "path", "tokenizer"):
             if not isinstance(getattr(self, setting), (str, os.PathLike)):
                 raise ValueError(f"data.{setting} must be a path string, "

@@ -8,6 +8,9 @@ lengths only, so the stream state stays identical everywhere) but reads only its
 tokens. The state (`state_dict`) is the stream's: a few integers per source, independent of rank,
 data-parallel size, batch size and `seq_len`, so a run resumes on any number of ranks and across
 `seq_len` stages and continues the same stream.
+
+With `data.val_docs`, the documents of the validation split (`data/validation.py`) are held out
+of the stream, and `validation_set()` gives the fixed samples made of them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .prefetch import Prefetcher
 from .sources import check_sources, open_sources
 from .stream import DocumentStream, Plan
 from .tokenizer import Tokenizer
+from .validation import ValidationSet, ValidationSplit
 
 
 class Loader:
@@ -77,7 +81,9 @@ class Loader:
         self.dp_size = dp_size
         self.sources = sources
         self.tokenizer = tokenizer
-        self.stream = DocumentStream(sources, weights, seed=seed, packing=cfg.packing)
+        self.split = ValidationSplit(sources, cfg.val_docs)
+        self.stream = DocumentStream(sources, weights, seed=seed, packing=cfg.packing,
+                                     held_out=self.split.order if self.split else None)
         self._handed_out = self.stream.state_dict()  # the state after the last batch returned
         self._prefetcher: Prefetcher | None = None
         self._id_limit: int | None = None  # set by check_vocab: every batch's ids stay below it
@@ -97,6 +103,12 @@ class Loader:
     def tokens_per_step(self) -> int:
         """Tokens in one global batch (all ranks)."""
         return self.global_batch * self.cfg.seq_len
+
+    def validation_set(self) -> ValidationSet:
+        """The samples of the validation split at this loader's `seq_len` (ValueError naming
+        data.val_docs without a split); padding tokens are the EOS id (0 when unknown)."""
+        eos = self.eos_id
+        return ValidationSet(self.sources, self.split, self.cfg.seq_len, 0 if eos is None else eos)
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Refuse (ValueError) data whose token ids the model's embedding cannot look up: now, by

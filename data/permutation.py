@@ -54,6 +54,24 @@ class DocumentPermutation:
             out = out[y[out] >= self.n]
         return y.astype(np.int64)
 
+    def inverse(self, documents: np.ndarray) -> np.ndarray:
+        """Positions of `documents` (ints in `[0, n)`, any shape): `self(self.inverse(d)) == d`."""
+        x = np.asarray(documents, dtype=np.int64)
+        if x.size and (x.min() < 0 or x.max() >= self.n):
+            raise IndexError(f"documents must lie in [0, {self.n})")
+        y = self._decrypt(x.astype(np.uint64))
+        out = np.flatnonzero(y >= self.n)
+        while out.size:  # walk the cycle backwards: the first value inside the domain
+            y[out] = self._decrypt(y[out])
+            out = out[y[out] >= self.n]
+        return y.astype(np.int64)
+
+    def _decrypt(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self._shift, x & self._mask
+        for key in reversed(self._keys):
+            left, right = right ^ (_mix(left ^ key) & self._mask), left
+        return (left << self._shift) | right
+
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> self._shift, x & self._mask
         for key in self._keys:

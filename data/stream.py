@@ -16,6 +16,12 @@ filled from one group only (the group of the source furthest below its share).
 The state is a few integers per source (epoch, position in the epoch's order, offset inside the
 current document, tokens consumed) plus the samples consumed: it is in documents and tokens, so a
 run can change `seq_len`, batch size or data-parallel size and continue the same stream.
+
+Held-out documents (the validation split, `data/validation.py`) keep their places in every
+epoch's order but are passed over as if empty, so the stream is the one without a split minus
+those documents. The state then also records how many documents each source holds out; a resume
+that holds out documents the checkpoint's stream may already have trained on (a split turned on
+or enlarged) says how many were.
 """
 
 from __future__ import annotations
@@ -63,7 +69,10 @@ class DocumentStream:
         *,
         seed: int,
         packing: str = "mixed",
+        held_out: Sequence[np.ndarray] | None = None,
     ) -> None:
+        """held_out: per source, the documents held out of training in validation order
+        (`ValidationSplit.order`); None: no split."""
         if packing not in PACKING_MODES:
             raise ValueError(f"data.packing must be one of {list(PACKING_MODES)}, got {packing!r}")
         self.seed = seed
@@ -76,6 +85,8 @@ class DocumentStream:
         self._groups = [[i for i, d in enumerate(domains) if d == g] for g in order]
         self._group_of = [order.index(d) for d in domains]
         self._everyone = list(range(len(sources)))
+        self._held_out = None if held_out is None else [np.asarray(h, dtype=np.int64) for h in held_out]
+        self._held_sorted = None if held_out is None else [np.sort(h) for h in self._held_out]
         self._reset()
 
     def _reset(self) -> None:
@@ -146,7 +157,10 @@ class DocumentStream:
         count = len(self._lengths[s])
         pos = self.position[s]
         ids = self.order(s, self.epoch[s])(np.arange(pos, min(pos + self.CHUNK, count)))
-        self._ahead[s] = (self.epoch[s], pos, ids.tolist(), self._lengths[s][ids].tolist())
+        lengths = self._lengths[s][ids]
+        if self._held_sorted is not None:
+            lengths[_members(self._held_sorted[s], ids)] = 0  # passed over by `plan`
+        self._ahead[s] = (self.epoch[s], pos, ids.tolist(), lengths.tolist())
         return self._ahead[s]
 
     def _next_document(self, s: int) -> None:
@@ -163,7 +177,7 @@ class DocumentStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints and floats (JSON-able), independent of rank, batch size and seq_len."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "seed": self.seed,
             "samples": self.samples,
@@ -182,6 +196,9 @@ class DocumentStream:
                 "tokens": dict(zip(self.names, self.mix_tokens)),
             },
         }
+        if self._held_out is not None:  # absent without a split: the state is as before splits
+            state["validation"] = {name: len(h) for name, h in zip(self.names, self._held_out)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where the stream that saved `state` stopped.
@@ -208,8 +225,10 @@ class DocumentStream:
                     f"state has {entry['documents']}: the data changed since it was saved")
             self.epoch[i], self.position[i] = int(entry["epoch"]), int(entry["position"])
             self.offset[i], self.tokens[i] = int(entry["offset"]), int(entry["tokens"])
-            if self.epoch[i] < 0 or not 0 <= self.position[i] < count or \
-                    not 0 <= self.offset[i] < max(1, self._current(i)[1]):
+            if self.epoch[i] < 0 or not 0 <= self.position[i] < count or self.offset[i] < 0:
+                raise ValueError(f"invalid data loader state for source {name!r}: {entry}")
+            self._check_held_out(i, state.get("validation", {}).get(name, 0))
+            if not self.offset[i] < max(1, self._current(i)[1]):
                 raise ValueError(f"invalid data loader state for source {name!r}: {entry}")
         dropped = sorted(set(saved) - set(self.names))
         if dropped:
@@ -221,3 +240,36 @@ class DocumentStream:
         else:
             log.info("the data mixture changed since the checkpoint: it balances from here")
         self.samples = int(state["samples"])
+
+    def _check_held_out(self, s: int, saved: int) -> None:
+        """After loading source `s`'s place: warn about documents held out now but not by the
+        checkpoint's stream (`saved` held out there) that it already trained on, and move past
+        the current document if it is one of them and was cut (its rest is held out now)."""
+        held = 0 if self._held_out is None else len(self._held_out[s])
+        name = self.names[s]
+        if held < saved:
+            log.info("data source %r: %d documents return from the validation split to training "
+                     "(data.val_docs lowered or 0)", name, saved - held)
+        if held <= saved:
+            return
+        new = self._held_out[s][saved:]  # the first `saved` are the checkpoint's (same order)
+        if self.epoch[s] > 0:
+            trained = len(new)
+        else:
+            at = self.order(s, 0).inverse(new)
+            trained = int(np.sum(at < self.position[s]))
+            trained += int(self.offset[s] > 0 and np.any(at == self.position[s]))
+        if trained:
+            log.warning("data source %r: %d of the %d documents newly held out for validation "
+                        "(data.val_docs) were trained on before this checkpoint; val_loss includes "
+                        "them", name, trained, len(new))
+        if self.offset[s] and self._current(s)[1] == 0:
+            self._next_document(s)
+
+
+def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Bool mask like `ids`: which of `ids` occur in the sorted array `sorted_ids`."""
+    if not len(sorted_ids):
+        return np.zeros(np.shape(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids

@@ -1,6 +1,7 @@
 """Pretraining entry point.
 
     python launch/pretrain.py +model=sb7b-tiny [train.max_steps=100 data.seq_len=256 ...]
+    python launch/pretrain.py +model=sb7b-tiny recipe=cpt-tiny      # the stages of a recipe in order
     torchrun --nproc-per-node 8 launch/pretrain.py +model=sb7b train.global_batch=512
 
 Composes conf/ with Hydra's compose API (no per-rank Hydra output folders, no working-directory
@@ -33,7 +34,14 @@ def options(group: str) -> list[str]:
 
 def load_config(overrides: list[str]):
     """Hydra overrides -> RunConfig. Raises SystemExit with a readable message on bad input."""
+    return load_run(overrides)[0]
+
+
+def load_run(overrides: list[str]):
+    """Hydra overrides -> (RunConfig, RecipeConfig or None: the `recipe:` section of a multi-stage
+    recipe). Raises SystemExit with a readable message on bad input."""
     from train.config import RunConfig, from_dict
+    from train.recipe import recipe_config
 
     check_choices(overrides)
     try:
@@ -44,9 +52,21 @@ def load_config(overrides: list[str]):
         raise SystemExit("error: no model chosen. Pick one with +model=NAME; available models: "
                          + ", ".join(available_models()))
     try:
-        return from_dict(RunConfig, OmegaConf.to_container(cfg, resolve=True))
+        tree = OmegaConf.to_container(cfg, resolve=True)
+        recipe = recipe_config(tree)
+        tree.pop("recipe", None)
+        return from_dict(RunConfig, tree), recipe
     except (ValueError, OmegaConfBaseException) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def compose_stage(overrides: list[str]):
+    """A recipe stage's overrides -> RunConfig; ValueError (not SystemExit) on bad input, so the
+    recipe runner can name the stage."""
+    try:
+        return load_run(overrides)[0]
+    except SystemExit as e:
+        raise ValueError(str(e).removeprefix("error: ")) from None
 
 
 def compose_config(overrides: list[str]):
@@ -108,15 +128,19 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\nmodels: " + ", ".join(available_models()))
         return 0
-    cfg = load_config(argv)
+    cfg, recipe = load_run(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     from train import run
+    from train.recipe import RecipeRunner
     from train.trainer import TrainingError
 
     try:
-        run(cfg)  # SIGTERM/SIGUSR1: saves a checkpoint, returns normally, exit code 0
+        if recipe is not None:  # the stages in order, each from the previous one's final weights
+            RecipeRunner(recipe, argv, compose_stage).run()
+        else:
+            run(cfg)  # SIGTERM/SIGUSR1: saves a checkpoint, returns normally, exit code 0
     except (ValueError, TrainingError) as e:  # bad settings or checkpoints, a diverged run
         raise SystemExit(f"error: {e}") from None
     return 0

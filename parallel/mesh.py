@@ -52,27 +52,22 @@ class Mesh:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = _pick_device(device, self.local_rank)
-        dp = check_layout(cfg, self.world_size)
+        self.device = pick_device(device, self.local_rank)
+        layout, self.zero_stage = world_ranks(cfg, self.world_size)  # checks the degrees
         self.ranks_per_node = node_size(cfg, self.world_size)
         self.nodes = self.world_size // self.ranks_per_node
-        self.dp, self.pp, self.ep, self.sp = dp, cfg.pp, cfg.ep, cfg.sp
-        self.zero_stage = cfg.stage_for(dp * cfg.sp)
-        self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        self.dp, self.pp, self.ep, self.sp = check_layout(cfg, self.world_size), cfg.pp, cfg.ep, cfg.sp
+        self.backend = world_backend(cfg.backend, self.device)
         if self.world_size > 1 and "MASTER_ADDR" not in os.environ and not dist.is_initialized():
             raise ValueError(f"WORLD_SIZE={self.world_size} but no MASTER_ADDR: start multi-rank runs with "
                              f"torchrun (e.g. torchrun --nproc-per-node {self.world_size} launch/pretrain.py ...)")
-        if "MASTER_ADDR" in os.environ and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                    timeout=datetime.timedelta(minutes=30))
+        # a process group someone else started (the recipe runner, which keeps one for all its
+        # stages) outlives this mesh; one started here is torn down by close()
+        self._owns_world = init_world(self.backend, self.device)
         self.device_mesh: DeviceMesh | None = None
         self._flat: dict[str, DeviceMesh] = {}  # flattened axes, kept (slicing them from the root is deprecated)
         if dist.is_initialized() and self.world_size > 1:
-            replicate, shard = (dp, 1) if self.zero_stage == 0 else (1, dp // self.ep)
-            self.device_mesh = init_device_mesh(self.device.type, (self.pp, replicate, shard, self.ep, self.sp),
-                                                mesh_dim_names=AXES)
+            self.device_mesh = init_device_mesh(self.device.type, tuple(layout.shape), mesh_dim_names=AXES)
             for name, axes in FLAT.items():
                 self._flat[name] = self.device_mesh[axes]._flatten(name)
         self._levels: dict[str, Levels] = {}
@@ -178,7 +173,26 @@ class Mesh:
             # a rank tearing down gloo while a peer still talks to it aborts the peer
             # ("terminate called without an active exception"): leave together
             dist.barrier()
-            dist.destroy_process_group()
+            if self._owns_world:
+                dist.destroy_process_group()
+
+
+def init_world(backend: str, device: torch.device) -> bool:
+    """Joins the default process group of a torchrun process (MASTER_ADDR set) unless already
+    joined; True when this call started it."""
+    if "MASTER_ADDR" not in os.environ or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")),
+                            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                            timeout=datetime.timedelta(minutes=30))
+    return True
+
+
+def world_backend(backend: str, device: torch.device) -> str:
+    """`parallel.backend` resolved: auto is NCCL on CUDA, gloo elsewhere."""
+    return backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
 
 
 def check_layout(cfg: ParallelConfig, world_size: int) -> int:
@@ -246,7 +260,7 @@ def _split_by_node(ranks: torch.Tensor, dims: list[int], per_node: int) -> Level
     return Levels(local, rail, blocks.shape[1], blocks.shape[2])
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(device)

@@ -1,6 +1,13 @@
-"""GPU tests (marked `gpu`) skip on machines without CUDA."""
+"""GPU tests (marked `gpu`) skip on machines without CUDA. Weights & Biases is off in every test
+and the processes they start (train/wandb_log.py honours WANDB_MODE=disabled): each wandb run
+would start a service process, and tests never reach the network. tests/train/test_observe.py
+turns it back on where it tests it."""
+import os
+
 import pytest
 import torch
+
+os.environ["WANDB_MODE"] = "disabled"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,13 +13,13 @@ import yaml
 from data import build_loader
 from model import build_model
 from model.decoder import init_part
-from model.hf import HFStateReader
-from parallel import Mesh, parallelize
-from parallel.materialize import init_weights, load_weights, materialize
+from parallel import Mesh, comm, parallelize
+from parallel.materialize import init_weights, materialize
 from parallel.plan import check_fits, format_plan, plan_memory
 from parallel.sequence import check_sequence_parallel
 from .checkpoint import checkpoints_dir
 from .config import RunConfig
+from .init import continue_data, load_init_from
 from .manifest import write_file
 from .optim import build_optimizer
 from .resume import check_model_config, check_unused_run_dir, resolve_resume
@@ -71,9 +71,9 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
         if t.init_from and mesh.is_main:
             log.info("train.init_from=%s ignored: resuming from %s", t.init_from, resume_from)
     elif t.init_from:
-        tensors = load_init_from(model, t.init_from, cfg.model)
+        source, tensors = load_init_from(model, t.init_from, cfg.model, mesh.world_group)
         if mesh.is_main:
-            log.info("initialised from %s (%d tensors)", t.init_from, tensors)
+            log.info("initialised from %s (%d tensors)", source, tensors)
     else:
         # the same full model on every rank and for every layout
         init_weights(model, lambda part: init_part(part, cfg.model.init_std), mesh.device, seed=t.seed)
@@ -86,9 +86,28 @@ def build(cfg: RunConfig, mesh: Mesh) -> Trainer:
     trainer = Trainer(cfg, mesh, engine, optimizer, loader)
     if resume_from:
         trainer.resume(resume_from)
-    if mesh.is_main:
-        start_run_dir(cfg, trainer, resumed=bool(resume_from))
+        if t.data_from and mesh.is_main:
+            log.info("train.data_from=%s ignored: resuming from %s", t.data_from, resume_from)
+    elif t.data_from:
+        source = continue_data(trainer, t.data_from)
+        if mesh.is_main:
+            log.info("data stream continued from %s (%s tokens before this run)", source, f"{trainer.tokens_seen:,}")
+    on_main(mesh, lambda: start_run_dir(cfg, trainer, resumed=bool(resume_from)))
     return trainer
+
+
+def on_main(mesh: Mesh, work) -> None:
+    """Runs `work()` on rank 0 only; when it raises a ValueError (a run directory it cannot
+    write), every rank raises one at once instead of waiting for rank 0 in the first collective."""
+    error = None
+    if mesh.is_main:
+        try:
+            work()
+        except ValueError as e:
+            error = str(e)
+    error = comm.broadcast_object(error, mesh.world_group)
+    if error is not None:
+        raise ValueError(error if mesh.is_main else f"rank 0 stopped the run: {error}")
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -154,17 +173,6 @@ def check_memory(cfg: RunConfig, mesh: Mesh) -> None:
         log.info("memory plan: peak %.1f GiB per GPU (train.recompute=%s)", plan.peak / 2**30, plan.recompute)
 
 
-def load_init_from(model, path: str, model_cfg) -> int:
-    """Fills the (sharded) model from the converted checkpoint `path`, each rank reading only
-    the rows it owns. Returns the number of tensors of the checkpoint."""
-    try:
-        reader = HFStateReader(path, model_cfg)  # checks dims, names and shapes before any read
-        load_weights(model, reader.rows)
-    except ValueError as e:
-        raise ValueError(f"train.init_from: {e}") from e
-    return len(reader.names)
-
-
 def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
     """Builds the model on the meta device (no memory), plans the memory of a step on this
     run's device (parallel/plan.py), prints and writes `summary.json`."""
@@ -183,8 +191,9 @@ def dry_run(cfg: RunConfig, mesh: Mesh) -> dict:
         "memory": plan.to_dict(),
     }
     if mesh.is_main:
-        path = write_run_file(cfg.train.run_dir, "summary.json", json.dumps(summary, indent=2))
-        write_config(cfg)
+        # config.yaml stays the training run's: a dry run into a run directory changes nothing of it
+        path = write_run_file(cfg.train.run_dir, "summary.json",
+                              json.dumps({**summary, "config": dataclasses.asdict(cfg)}, indent=2))
         print(format_summary(summary) + "\n\n" + format_plan(plan)
               + f"\n\nsummary written to {os.path.abspath(path)}", flush=True)
     return summary

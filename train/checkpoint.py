@@ -11,7 +11,8 @@ Layout (read by `train.export` too)::
         rng_rank{r}.pt      each rank's python, numpy, torch CPU (and CUDA) RNG states
         state.json          format, version, step, tokens_seen, skipped_steps, loader, world_size,
                             dp, zero_stage, time, log_window (the partly filled logging window),
-                            manifest (the name of the manifest, which checkpoints before it lack)
+                            manifest (the name of the manifest, which checkpoints before it lack),
+                            faults (spike window, spike and in-a-row counts, rollbacks: train.faults)
         config.yaml         the resolved RunConfig
         manifest.json       {"algorithm": "sha256", "files": {relative path: {"bytes", "sha256"}}}
                             for every other file, verified at resume and export
@@ -188,7 +189,7 @@ def stage(trainer, model: torch.nn.Module) -> dict:
                            "tokens_seen": trainer.tokens_seen, "skipped_steps": trainer.skipped_steps,
                            "loader": trainer.loader.state_dict(), "world_size": mesh.world_size,
                            "dp": mesh.dp, "zero_stage": mesh.zero_stage, "time": time.time(),
-                           "log_window": window, "manifest": MANIFEST}
+                           "log_window": window, "manifest": MANIFEST, "faults": trainer.faults.state_dict()}
         staged["config"] = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     return staged
 
@@ -212,6 +213,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_saved_step: int | None = None
+        self.last_write_s: float | None = None  # how long the newest write took (staged -> committed)
         # bytes of the newest checkpoint written or resumed (rank 0): what the next save needs
         self.last_bytes: int | None = None
 
@@ -222,8 +224,12 @@ class Checkpointer:
         self.wait()
         staged = stage_fn()
         final = os.path.join(self.folder, step_name(staged["step"]))
+        # every rank's staged bytes, the size of a first save (a collective on every save: only
+        # rank 0 knows the newest checkpoint's size; the group is idle, no write in flight)
+        staged_bytes = sum(gather_objects(_nbytes(staged), self.group))
+        needed = self.last_bytes or staged_bytes
         # rank 0 decides for every rank: they write to one filesystem
-        nonce, refused = comm.broadcast_object(self._plan(final, staged) if self.mesh.is_main else None, self.group)
+        nonce, refused = comm.broadcast_object(self._plan(final, needed) if self.mesh.is_main else None, self.group)
         if refused:
             raise TrainingError(refused)
         tmp = f"{final}.tmp-{nonce}"
@@ -249,11 +255,10 @@ class Checkpointer:
                 raise error
             raise TrainingError(f"writing a checkpoint to {self.folder} failed: {error!r}") from error
 
-    def _plan(self, final: str, staged: dict) -> tuple[str, str | None]:
-        """(nonce of the temporary folder, why the save cannot start or None). The size needed is
-        the newest checkpoint's, or before any in a world of one the staged bytes."""
+    def _plan(self, final: str, needed: int) -> tuple[str, str | None]:
+        """(nonce of the temporary folder, why the save cannot start or None). needed: the size of
+        the newest checkpoint, or before any the bytes all ranks staged."""
         os.makedirs(self.folder, exist_ok=True)
-        needed = self.last_bytes or (_nbytes(staged) if self.group is None else None)
         free = shutil.disk_usage(self.folder).free
         return uuid.uuid4().hex[:8], _no_space(final, needed, free) if needed and free < needed else None
 
@@ -266,6 +271,7 @@ class Checkpointer:
     def _write(self, staged: dict, tmp: str, final: str) -> None:
         """Every rank writes its files, then all exchange outcomes and checksums (so a rank that
         failed never leaves the others waiting); rank 0 commits the checkpoint."""
+        start = time.perf_counter()
         try:
             files, failure = self._write_files(staged, tmp), None
         except (Exception, CheckpointException) as e:
@@ -290,6 +296,7 @@ class Checkpointer:
         if self.mesh.is_main:
             self._clean(os.path.basename(final))
             log.info("saved checkpoint %s", final)
+        self.last_write_s = time.perf_counter() - start
 
     def _write_files(self, staged: dict, tmp: str) -> dict:
         """Writes this rank's files into `tmp` (fsynced); returns their manifest entries."""

@@ -13,6 +13,8 @@ from parallel.config import ParallelConfig
 
 RECOMPUTE = ("none", "full", "selective")
 COMPILE = ("auto", "none", "regions")
+PROGRESS = ("auto", "on", "off")
+WANDB = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -31,25 +33,37 @@ class TrainConfig:
     seed: int = 1234
     run_dir: str = "runs/default"
     log_every: int = 10
+    eval_every: int = 0            # validation loss on the data.val_docs split every N steps and at the last; 0 = off
     dry_run: bool = False
-    init_from: str = ""            # Hugging Face-style directory (launch/convert.py output) to start from
+    init_from: str = ""            # weights to start from: a launch/convert.py directory or a training checkpoint (model only)
+    data_from: str = ""            # training checkpoint whose data stream (and token count) a fresh run continues
+    stage: str = ""                # name of the recipe stage this run is (in metrics rows); set by the recipe runner
     precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     save_every: int = 0            # checkpoint every N steps; 0 = only at the end and on SIGTERM/SIGUSR1
     keep_checkpoints: int = 3      # newest complete checkpoints kept; 0 = keep all
     resume: str = "auto"           # auto (run_dir/checkpoints/latest if any), never, or a checkpoint path
     overwrite: bool = False        # start over: delete run_dir's checkpoints/ and metrics.jsonl first
-    max_skipped_steps: int = 10    # NaN/Inf steps in a row tolerated before the run stops
+    max_skipped_steps: int = 10    # skipped steps in a row tolerated; then one rollback to the last checkpoint, then the run stops
+    spike_zscore: float = 6.0      # a loss above mean + z * std of the last spike_window accepted steps skips its step; 0 = off
+    spike_window: int = 200        # accepted steps' losses in the spike window (checked from min(window, 20) on)
+    hang_timeout: float = 1800.0   # seconds a step may make no progress before the rank dumps stacks and exits; 0 = off
+    max_hours: float = 0.0         # save and stop (exit 0) before this many hours since the process started; 0 = no limit
     recompute: str = "none"        # activation recomputation: none, full (whole blocks) or selective
     compile: str = "auto"          # torch.compile of norms, SwiGLU and RoPE: auto (regions on CUDA), none, regions
     check_memory: bool = True      # on CUDA, refuse a run whose planned peak exceeds the GPU's memory
     peak_tflops: float | None = None  # one device's bf16 peak for MFU; None: by CUDA device name (train/flops.py)
+    progress: str = "auto"         # progress bar on rank 0's stderr: auto (a terminal only), on, off
+    wandb: str = "offline"         # Weights & Biases: offline (files in run_dir/wandb), online, disabled
+    wandb_project: str = "spikingbrain"
+    wandb_name: str = ""           # the wandb run's name; "" = the run directory's name
+    firing_stats: bool = True      # with model.spike.enabled: firing rates in metrics rows (train/observe.py)
 
     def __post_init__(self):
         for key in ("max_steps", "global_batch", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("micro_batch", "save_every", "keep_checkpoints", "max_skipped_steps", "warmup_steps", "weight_decay", "grad_clip", "lr"):
+        for key in ("micro_batch", "eval_every", "save_every", "keep_checkpoints", "max_skipped_steps", "warmup_steps", "weight_decay", "grad_clip", "lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -65,10 +79,20 @@ class TrainConfig:
         if self.overwrite and self.resume not in ("auto", "never"):
             raise ValueError(f"train.overwrite=true starts the run directory over and cannot resume from "
                              f"train.resume={self.resume}: use train.resume=auto or never, or another train.run_dir")
+        for key, modes in (("progress", PROGRESS), ("wandb", WANDB)):
+            if getattr(self, key) not in modes:
+                raise ValueError(f"train.{key} must be one of {', '.join(modes)}, got {getattr(self, key)!r}")
+        if self.wandb != "disabled" and not self.wandb_project:
+            raise ValueError("train.wandb_project must not be empty (or train.wandb=disabled)")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"train.peak_tflops must be > 0 (or null: from the device name), got {self.peak_tflops}")
         if not self.run_dir:
             raise ValueError("train.run_dir must not be empty")
+        for key in ("spike_zscore", "hang_timeout", "max_hours"):
+            if not 0 <= getattr(self, key) < float("inf"):
+                raise ValueError(f"train.{key} must be a number >= 0 (0 = off), got {getattr(self, key)}")
+        if self.spike_window < 2:
+            raise ValueError(f"train.spike_window must be >= 2 (losses for a mean and a std), got {self.spike_window}")
 
 
 @dataclass

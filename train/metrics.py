@@ -7,6 +7,8 @@ import math
 import os
 import time
 
+from .observe import log_fields
+
 log = logging.getLogger("train")
 
 
@@ -35,6 +37,11 @@ class MetricsLogger:
         """Continues the window of `window()` (a resume), so the next row averages the same steps
         as in an uninterrupted run; throughput counts only the steps since the resume."""
         self._loss, self._loss_steps = float(window["loss"]), int(window["loss_steps"])
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` spent on something else than training (an evaluation) out of the
+        current window's throughput."""
+        self._t0 += seconds
 
     def add(self, loss: float, tokens: int):
         """A non-finite loss (a skipped step) is left out of the mean."""
@@ -97,11 +104,12 @@ class MetricsLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s%s%s%s",
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tokens %s | tok/s %s%s%s%s%s%s",
                      step, self.max_steps, row["loss"], lr, grad_norm, f"{total_tokens:,}",
                      f"{row['tokens_per_s']:,.0f}",
                      f" | TFLOP/s/GPU {row['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in row else "",
                      f" | MFU {row['mfu']:.1%}" if "mfu" in row else "",
                      f" | peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "",
-                     f" | expert load max/mean {row['expert_load_max']:.2f}" if "expert_load_max" in row else "")
+                     f" | expert load max/mean {row['expert_load_max']:.2f}" if "expert_load_max" in row else "",
+                     log_fields(row))
         return row

@@ -93,9 +93,10 @@ def check_model_config(path: str, model_cfg) -> None:
         raise ValueError(f"{file}: unknown model setting model.{extra[0]}")
 
 
-def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
+def load_checkpoint(path: str, trainer, model: torch.nn.Module, keep_loader: bool = False) -> dict:
     """Restores model (strict), optimizer, step, tokens, loader and this rank's RNG from `path`.
-    model: the model being trained (sharded in place by the engine). Returns the checkpoint's state.json."""
+    model: the model being trained (sharded in place by the engine); keep_loader: leave the data
+    loader where it is (a rollback, `train.faults`). Returns the checkpoint's state.json."""
     cfg, mesh = trainer.cfg, trainer.mesh
     state = read_state(path)
     check_model_config(path, cfg.model)
@@ -115,9 +116,11 @@ def load_checkpoint(path: str, trainer, model: torch.nn.Module) -> dict:
     set_model_state_dict(model, target["model"], options=options)
     set_optimizer_state_dict(model, trainer.optimizer, target["optim"], options=options)
     try:
-        trainer.loader.load_state_dict(state["loader"])
+        if not keep_loader:
+            trainer.loader.load_state_dict(state["loader"])
         trainer.step, trainer.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         trainer.skipped_steps = int(state.get("skipped_steps", 0))
+        trainer.faults.load_state_dict(state.get("faults"))  # checkpoints without one: a fresh state
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{os.path.join(path, STATE_FILE)}: malformed checkpoint state ({e})") from None
     rng = os.path.join(path, rng_file(mesh.rank))

@@ -1,10 +1,10 @@
 """The training loop: gradient accumulation, mixed precision, clipping, schedule, metrics,
-checkpoints, stop signals and skipping of non-finite steps."""
+checkpoints, stop signals, and the faults of long runs (skipped steps, rollback, time limit,
+hang watchdog: train/faults.py, train/watchdog.py)."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
@@ -19,10 +19,14 @@ from parallel.parallelize import compute_dtype
 from parallel.sequence import ShardedSequenceContext
 from .checkpoint import Checkpointer, stage
 from .errors import TrainingError
+from .faults import Faults, TimeLimit
 from .flops import device_peak_flops
 from .metrics import MetricsLogger
+from .observe import Observer
 from .optim import lr_at, set_lr
 from .resume import load_checkpoint
+from .validate import Validator
+from .watchdog import Watchdog
 
 log = logging.getLogger("train")
 
@@ -63,8 +67,10 @@ class Trainer:
     SIGUSR1 arrives (then at the end of the current step, after which `fit` returns normally and
     the process exits with code 0). A checkpoint that cannot be written (a full disk) stops the
     run with a TrainingError at the end of the step in which its background write failed. A
-    step whose loss or gradient norm is NaN/Inf is skipped (no optimizer update) and counted in
-    `skipped_steps`.
+    step whose loss or gradient norm is NaN/Inf, or whose loss is a spike, is skipped (no
+    optimizer update) and counted in `skipped_steps`; too many in a row roll the run back to its
+    last checkpoint once (train/faults.py). `train.max_hours` saves and stops in time for a
+    scheduler's limit; `train.hang_timeout` ends a rank that makes no progress (train/watchdog.py).
     """
 
     def __init__(self, cfg, mesh, engine, optimizer, loader):
@@ -76,7 +82,9 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0         # in the whole run (saved in checkpoints)
-        self.skipped_in_a_row = 0
+        self.faults = Faults(t, mesh.is_main)  # spike window, skips in a row, rollbacks (saved too)
+        self.time_limit = TimeLimit(t.max_hours)
+        self.watchdog = Watchdog(t.hang_timeout, t.run_dir, mesh.rank)
         self.metrics = MetricsLogger(t.run_dir, mesh.is_main, t.max_steps,
                                      device_peak_flops(mesh.device, t.peak_tflops), mesh.world_size)
         self.flops = ModelFlops(cfg.model)
@@ -88,13 +96,17 @@ class Trainer:
         self.saved_step: int | None = None  # step of the newest checkpoint this run holds
         self.save_stall_s: float | None = None  # how long the last save held training up
         self.stop_reason: str | None = None
+        self.validator = Validator.for_run(cfg, mesh, loader, self.micro_batch)  # None: no eval
+        self.observe = Observer(cfg, mesh, self.model)  # balance loss, firing rates, progress bar, wandb
 
-    def resume(self, path: str) -> dict:
-        """Continues from checkpoint directory `path`, and its logging window; returns its state.json."""
-        state = load_checkpoint(path, self, self.model)
+    def resume(self, path: str, keep_loader: bool = False) -> dict:
+        """Continues from checkpoint directory `path`, and its logging window; returns its
+        state.json. keep_loader: leave the data loader where it is (a rollback)."""
+        state = load_checkpoint(path, self, self.model, keep_loader=keep_loader)
         self.saved_step = self.step
         self.metrics.drop_rows_after(self.step)  # rows a crashed attempt logged past the checkpoint
         window = state.get("log_window")  # checkpoints without one start a new window
+        self.observe.restore(window or {})
         if window:
             self.metrics.restore(window)
             if "expert_load" in window and self.mesh.is_main:  # summed over the ranks at the next row
@@ -104,7 +116,7 @@ class Trainer:
     def log_window(self) -> dict:
         """The logging window since the last row, for a checkpoint: the loss sums and, with MoE,
         the expert load summed over all ranks (a collective: every rank calls this)."""
-        window = self.metrics.window()
+        window = {**self.metrics.window(), **self.observe.window()}
         if "moe" in self.cfg.model.ffns:
             window["expert_load"] = comm.all_reduce(self._load_counts(), group=self.mesh.world_group).tolist()
         return window
@@ -133,21 +145,33 @@ class Trainer:
             log.info("already at step %d of train.max_steps=%d: nothing to train (raise train.max_steps "
                      "to continue, or train.resume=never to start over)", self.step, t.max_steps)
         previous = self._install_signal_handlers()
+        self.watchdog.start()
+        self.time_limit.start()
         try:
+            self.observe.start(self.step)
             while self.step < t.max_steps:
                 self.step += 1
+                self.watchdog.beat(self.step)
                 lr = lr_at(self.step, t)
                 set_lr(self.optimizer, lr)
                 loss, tokens, grad_norm, skipped = self.train_step()
                 self.tokens_seen += tokens
-                self._count_skip(skipped, loss, grad_norm)
+                self.observe.step_done(self.step, self.tokens_seen, loss, skipped)
+                if self.faults.count(self, skipped):  # rolled back to the last checkpoint's step
+                    rows = [r for r in rows if r["step"] <= self.step]
+                    continue
                 self.metrics.add(loss, tokens)
-                if self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
+                val = self.validator(self) if self.validator else {}  # {"val_loss": ...} when due
+                if val or self.step == 1 or self.step % t.log_every == 0 or self.step == t.max_steps:
                     row = self.metrics.flush(self.step, lr, grad_norm, self.tokens_seen, self._take_flops(),
-                                             skipped_steps=self.skipped_steps, **self._device_metrics(),
-                                             **self._take_expert_load())
+                                             **val, skipped_steps=self.skipped_steps, **self.faults.row(),
+                                             **self._stage(), **self._device_metrics(),
+                                             **self._take_expert_load(), **self.observe.row_fields())
                     if row:
                         rows.append(row)
+                        self.observe.publish(row)
+                if self.time_limit.due(self.save_stall_s, self.checkpointer.last_write_s) and not self.stop_reason:
+                    self.request_stop(self.time_limit.reason())
                 if self._stop_requested():
                     self.save()
                     if self.mesh.is_main:
@@ -155,16 +179,24 @@ class Trainer:
                     break
                 if t.save_every and self.step % t.save_every == 0:
                     self.save()
+            self.watchdog.beat(self.step, "final checkpoint", long=True)
             if self.saved_step != self.step:
                 self.save()
+            self.checkpointer.wait()
         except BaseException:
+            self.observe.close(failed=True)
             with contextlib.suppress(Exception):  # keep the original error; finish the write in flight
                 self.checkpointer.wait()
             raise
         finally:
+            self.observe.close()
+            self.watchdog.stop()
             self._restore_signal_handlers(previous)
-        self.checkpointer.wait()
         return rows
+
+    def _stage(self) -> dict:
+        """The recipe stage of the run (`train.stage`) for a metrics row; {} outside a recipe."""
+        return {"stage": self.cfg.train.stage} if self.cfg.train.stage else {}
 
     def _device_metrics(self) -> dict:
         """Peak device memory of this rank since the last log (CUDA), and the last save stall."""
@@ -195,21 +227,6 @@ class Trainer:
         return {"expert_load": [[round(x, 5) for x in layer] for layer in share.tolist()],
                 "expert_load_max": round(float(share.max(dim=1).values.max()) * share.shape[1], 4)}
 
-    def _count_skip(self, skipped: bool, loss: float, grad_norm: float) -> None:
-        if not skipped:
-            self.skipped_in_a_row = 0
-            return
-        self.skipped_steps += 1
-        self.skipped_in_a_row += 1
-        if self.mesh.is_main:
-            log.warning("step %d skipped: loss %s, grad_norm %s (%d in a row, %d in all)", self.step,
-                        loss, grad_norm, self.skipped_in_a_row, self.skipped_steps)
-        limit = self.cfg.train.max_skipped_steps
-        if self.skipped_in_a_row > limit:
-            raise TrainingError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                                f"norm (step {self.step}); the run has diverged. Lower train.lr, resume "
-                                f"from an earlier checkpoint or raise train.max_skipped_steps={limit}")
-
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal; all ranks agree so they save the same step. A
         background checkpoint write that failed on any rank stops every rank here, with its error."""
@@ -239,8 +256,8 @@ class Trainer:
 
     def train_step(self) -> tuple[float, int, float, bool]:
         """One optimizer step. Returns (mean token loss over the global batch, global tokens, grad
-        norm, skipped): a non-finite loss or gradient norm skips the update. Both values are the
-        same on every rank (all-reduced), so all ranks skip together."""
+        norm, skipped): a non-finite loss or gradient norm, or a loss spike, skips the update.
+        Both values are the same on every rank (all-reduced), so all ranks skip together."""
         device, dp_group = self.mesh.device, self.mesh.dp_group
         batch = self.loader.next_batch()
         # counted on the host from the CPU batch (no device sync); the MoE routing pass of
@@ -260,7 +277,7 @@ class Trainer:
         grad_norm = self.engine.clip_grad_norm(self.cfg.train.grad_clip)
         # the loss is known on the last pipeline stage (every rank without pipeline parallelism)
         global_loss = float(comm.all_reduce(loss_sum, group=self.mesh.world_group) / num_targets.clamp(min=1))
-        skipped = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
+        skipped = self.faults.skip(global_loss, grad_norm)
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -275,7 +292,9 @@ class Trainer:
             self.engine.micro_batch(last=i == n_micro - 1)
             with self._autocast():
                 out = self.model(part["input_ids"], labels=part["labels"], ctx=part["ctx"])
-                loss = out.loss_sum * scale + self._balance_loss(out, step_load, n_micro)
+                balance = self._balance_loss(out, step_load, n_micro)
+                loss = out.loss_sum * scale + balance
+            self.observe.add_balance(balance)
             loss.backward()
             loss_sum += out.loss_sum.detach()
             self._count_load(out.router, range(len(out.router)))
@@ -288,7 +307,9 @@ class Trainer:
         stage = self.model
 
         def balance(stats):
-            return self._balance_loss(_Routed(stats), None, n_micro)
+            term = self._balance_loss(_Routed(stats), None, n_micro)
+            self.observe.add_balance(term)
+            return term
 
         stage.begin_step([p["ctx"] for p in parts], [p["labels"] for p in parts], scale, balance)
         with self._autocast():

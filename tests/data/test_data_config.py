@@ -118,7 +118,7 @@ def compose_data(*overrides):
 
 
 def test_presets():
-    assert compose_data() == DataConfig()
+    assert compose_data() == DataConfig(val_docs=64)  # the demo preset holds out a validation split
     shards = compose_data("data=shards", "data.path=/d/web", "data.tokenizer=/t/tokenizer.json")
     assert (shards.name, shards.source_specs(), shards.tokenizer) == (
         "shards", [SourceSpec("/d/web")], "/t/tokenizer.json")

@@ -49,13 +49,16 @@ def test_bad_overrides_are_named(args, message):
 
 
 def test_dry_run_writes_summary_and_allocates_nothing(tmp_path):
+    (tmp_path / "config.yaml").write_text("a training run's config\n")
     r = launch("+model=sb76b", "train.dry_run=true", f"train.run_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 75.0e9 <= summary["params_total"] <= 78.0e9
     assert 11.5e9 <= summary["params_active"] <= 13.0e9
+    assert summary["config"]["model"]["name"] == "sb76b"
     assert "76.07B" in r.stdout
-    assert (tmp_path / "config.yaml").exists()
+    # a dry run into a run directory leaves the run's files as they are
+    assert (tmp_path / "config.yaml").read_text() == "a training run's config\n"
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
