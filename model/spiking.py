@@ -52,11 +52,13 @@ class SpikeSite:
     def __init__(self, k: float, layer: int | None, target: str):
         self.k, self.layer, self.target = k, layer, target
         self.stats: torch.Tensor | None = None
+        self._spike = functools.partial(spike_quantize, k=k)
+        self._spike_counting = functools.partial(spike_quantize, k=k, stats=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.stats is None or not torch.is_grad_enabled():
-            return spike_quantize(x, self.k)
-        r = spike_quantize(x, self.k, stats=True)
+            return self._spike(x)
+        r = self._spike_counting(x)
         self.stats.add_(torch.stack([r.stats[n] for n in STATS]))
         return r.out
 

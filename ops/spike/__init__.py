@@ -52,6 +52,10 @@ class _SpikeSTE(torch.autograd.Function):
         return grad_out, None, None, None, None, None
 
 
+# Outside torch.compile's regions (a graph break at each spiked input): on torch 2.11 dynamo
+# fails to trace the autograd function around the Triton launch (mark_non_differentiable of its
+# extra outputs, symbolic sizes under MoE); the kernel is one fused pass either way.
+@torch.compiler.disable
 def spike_quantize(x: torch.Tensor, k: float = 3.0, *, v_min: float = 1e-5, v_max: float = 1e4,
                    return_counts: bool = False, stats: bool = False):
     """Quantise activations to integer spike counts times a per-token threshold.

@@ -24,6 +24,9 @@ def _spike_kernel(x_ptr, out_ptr, counts_ptr, vth_ptr, stats_ptr, denom, v_min, 
                   WRITE_STATS: tl.constexpr, OUT_BF16: tl.constexpr):
     # D is a compile-time constant: one build per hidden size, and triton 3.6's interpreter cannot
     # loop over a runtime integer argument.
+    # float32 scalars: torch.compile launches this kernel with Python floats typed as float64,
+    # which div_rn (float32 only) refuses; triton's own launcher types them float32 (same values)
+    denom, v_min, v_max = tl.cast(denom, tl.float32), tl.cast(v_min, tl.float32), tl.cast(v_max, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * D
     acc = tl.zeros([BLOCK], dtype=tl.float32)
