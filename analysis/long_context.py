@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from data import open_sources, prepare_demo
+from data.validation import validation_order
 from data.shards import read_manifest
 from data.tokenizer import Tokenizer, load_tokenizer
 from model.context import SequenceContext
@@ -136,17 +137,21 @@ class EvalSequence:
         return len(self.documents) > 1
 
 
-def select_sequences(sources, seq_len: int, samples: int, seed: int = 0) -> list[EvalSequence]:
+def select_sequences(sources, seq_len: int, samples: int, seed: int = 0,
+                     documents: list | None = None) -> list[EvalSequence]:
     """`samples` sequences of `seq_len` tokens from `sources` (`DocumentSource`s): documents of
     >= seq_len tokens first (a seeded choice), then contiguous shorter documents packed together
-    (module doc). ValueError when the data cannot give that many."""
-    long = [(s, int(d)) for s, src in enumerate(sources) for d in np.flatnonzero(src.doc_lengths >= seq_len)]
+    (module doc). documents: per source, the document ids to choose from (None: all; e.g. the
+    held-out documents of the run's `data.val_docs`). ValueError when the data cannot give that many."""
+    ids = [np.arange(len(src.doc_lengths)) if documents is None else np.sort(np.asarray(documents[i], np.int64))
+           for i, src in enumerate(sources)]
+    long = [(s, int(d)) for s, src in enumerate(sources) for d in ids[s][src.doc_lengths[ids[s]] >= seq_len]]
     order = np.random.default_rng(seed).permutation(len(long))[:samples]
     out = [EvalSequence(_tokens(sources[s], d, seq_len), sources[s].name, [d])
            for s, d in sorted(long[i] for i in order)]
-    for src in sources:
+    for s, src in enumerate(sources):
         parts, docs, have = [], [], 0
-        for d in np.flatnonzero(src.doc_lengths < seq_len):
+        for d in ids[s][src.doc_lengths[ids[s]] < seq_len]:
             if len(out) == samples:
                 break
             take = min(int(src.doc_lengths[d]), seq_len - have)
@@ -157,7 +162,7 @@ def select_sequences(sources, seq_len: int, samples: int, seed: int = 0) -> list
                 out.append(EvalSequence(torch.cat(parts), src.name, docs))
                 parts, docs, have = [], [], 0
     if len(out) < samples:
-        tokens = sum(int(src.doc_lengths.sum()) for src in sources)
+        tokens = sum(int(src.doc_lengths[i].sum()) for src, i in zip(sources, ids))
         raise ValueError(f"the data holds {tokens:,} tokens ({len(long)} documents of >= {seq_len} "
                          f"tokens): not enough for --samples {samples} sequences of --seq-len "
                          f"{seq_len}; lower one of them or give more data")
@@ -249,7 +254,8 @@ def evaluate_long_context(checkpoint: str, *, data_path: str | None = None, seq_
                           device: str | torch.device = "cpu", seed: int = 0) -> dict:
     """The evaluation of the model at `checkpoint` (a training checkpoint, run directory or
     converted directory) on the documents of the token shards at `data_path` (None: the training
-    run's own data, not held out). seq_len / passkey_lengths None: the defaults clipped to the
+    run's own data: its held-out documents when it has a `data.val_docs` split, else documents it
+    may have trained on). seq_len / passkey_lengths None: the defaults clipped to the
     model's max positions; given values above it are refused. `tokenizer`: the passkey prompts'
     tokenizer (None: the model's, see `model_tokenizer`). Returns the result (`write_result`)."""
     for option, value in (("--samples", samples), ("--passkey-trials", passkey_trials),
@@ -270,9 +276,15 @@ def evaluate_long_context(checkpoint: str, *, data_path: str | None = None, seq_
         if source.max_token_id >= cfg.vocab_size:
             raise ValueError(f"{where} holds token id {source.max_token_id}, beyond the model's "
                              f"vocabulary of {cfg.vocab_size}")
-    if not data_path:
+    held_out = None
+    val_docs = loaded.run.data.val_docs if loaded.run is not None and not data_path else 0
+    if val_docs:  # the run's validation split: documents it never trained on
+        held_out = [validation_order(src, val_docs) for src in opened.sources]
+        notes.append(f"no --data: the sequences come from the {val_docs} documents per source the run "
+                     f"held out (data.val_docs)")
+    elif not data_path:
         notes.append("no --data: the sequences come from the training run's own data, not held-out text")
-    sequences = select_sequences(opened.sources, seq_len, samples, seed)
+    sequences = select_sequences(opened.sources, seq_len, samples, seed, held_out)
     packed = sum(s.packed for s in sequences)
     if packed:
         notes.append(f"{packed} of {samples} sequences pack contiguous documents into one context "
@@ -284,7 +296,7 @@ def evaluate_long_context(checkpoint: str, *, data_path: str | None = None, seq_
         "checkpoint": os.path.abspath(loaded.path), "model": cfg.name, "step": step,
         "device": str(device),
         "precision": "bf16 autocast" if torch.device(device).type == "cuda" else "fp32",
-        "data": {"source": "--data" if data_path else "training run",
+        "data": {"source": "--data" if data_path else ("held out" if held_out else "training run"),
                  "sources": [s.name for s in opened.sources], "seq_len": seq_len, "samples": samples,
                  "packed": packed, "seed": seed,
                  "sequences": [{"source": s.source, "documents": s.documents} for s in sequences]},

@@ -7,7 +7,8 @@
 
 CHECKPOINT is a training checkpoint, a run directory (its latest checkpoint) or a directory from
 launch/convert.py (which needs --data). --data: token shards of held-out text made with the
-model's tokenizer (launch/prepare_data.py); without it the run's own training data is read.
+model's tokenizer (launch/prepare_data.py); without it the run's own data is read: the documents its
+data.val_docs split held out of training, else (no split) documents it may have trained on.
 Loss is averaged over buckets of the predicted token's position, [0, 1k), [1k, 2k), ... up to
 --seq-len; passkey prompts hide a 5-digit key in filler text and the answer is decoded greedily
 (analysis/long_context.py). Lengths default to 128k and 8k/32k/128k, clipped to the model's

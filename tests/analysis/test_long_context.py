@@ -83,6 +83,11 @@ def test_long_documents_first_then_contiguous_ones_packed():
     assert seqs[2].ids.tolist() == (docs[0] + docs[2] + docs[4] + docs[5])[:25] and seqs[2].packed
     with pytest.raises(ValueError, match="not enough for --samples 4 sequences of --seq-len 25"):
         lc.select_sequences([source], 25, 4)
+    # only the documents given (a run's held-out split), in id order
+    seqs = lc.select_sequences([source], 25, 2, documents=[[6, 3, 2, 0, 5]])
+    assert [s.documents for s in seqs] == [[3], [0, 2, 5, 6]]
+    with pytest.raises(ValueError, match="holds 55 tokens"):
+        lc.select_sequences([source], 25, 3, documents=[[3, 0, 2]])
 
 
 @pytest.fixture(scope="module")
