@@ -34,11 +34,10 @@ import numpy as np
 import yaml
 
 from model.config import LayerPlan
+from train.recipe import RECIPE_FILE as RECIPE, STAGES_DIR as STAGES
 from . import report_figures as figs
 
 METRICS = "metrics.jsonl"
-RECIPE = "recipe.json"      # a recipe run directory: stages/NN-NAME, each a run directory
-STAGES = "stages"
 REPORT = "report.md"
 FIGURES = {"loss": "loss.png", "lr": "lr.png", "throughput": "throughput.png",
            "grad_norm": "grad_norm.png", "expert_load": "expert_load.png",

@@ -20,7 +20,8 @@ from train import build, run
 from train.checkpoint import complete_checkpoints, latest_checkpoint
 from train.export import export_checkpoint
 
-TIMED = {"tokens_per_s", "tflops_per_gpu", "mfu", "save_stall_s"}  # wall-clock values
+TIMED = {"tokens_per_s", "tflops_per_gpu", "mfu", "save_stall_s",  # wall-clock values
+         "host_mem_gib", "peak_mem_gib"}  # and the memory the process happens to hold
 
 
 def test_torn_last_metrics_line_is_repaired_on_resume(data_cfg, tmp_path, caplog):
