@@ -2,7 +2,9 @@
 
 `spike_quantize` picks an implementation per call: the fused Triton kernel (`triton_kernel`) for
 CUDA tensors (and CPU tensors when TRITON_INTERPRET=1 was set before import), the pure-PyTorch
-reference (`reference`) otherwise. Both follow the rules in `ops.spike.reference`.
+reference (`reference`) otherwise. Both follow the rules in `ops.spike.reference`. The choice is
+made inside one torch.library operator (`spikingbrain::spike_quantize`, straight-through
+gradient), so torch.compile's regions take a spiked input without a graph break.
 """
 from typing import NamedTuple
 
@@ -31,31 +33,52 @@ def _use_triton(x: torch.Tensor) -> bool:
     return triton_kernel is not None and triton_kernel.supports(x)
 
 
-class _SpikeSTE(torch.autograd.Function):
-    """Spike forward, straight-through backward (d out / d x = identity)."""
+# One operator for torch.compile: dynamo records the call as a single node of the graph (no break
+# at the spiked inputs of a compiled region) and AOT autograd takes its fake and backward formulas
+# from the registrations below, so neither the Triton launch nor the choice of implementation is
+# traced. An operator returns tensors only: the outputs a call did not ask for are empty ([0]).
+@torch.library.custom_op("spikingbrain::spike_quantize", mutates_args=())
+def _spike_op(x: torch.Tensor, k: float, v_min: float, v_max: float, want_counts: bool,
+              want_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> out [..., D] (x's dtype), counts [..., D] int32 ([0] unless want_counts),
+    v_th [..., 1] float32, stats int64 [4] ([0] unless want_stats); all contiguous."""
+    # Contiguous outputs whatever x's layout (the Triton path copies x to rows anyway): a compiled
+    # graph lays out the op's outputs as the fake implementation says.
+    x = x.contiguous()
+    if _use_triton(x):
+        out, counts, v_th, stats = triton_kernel.spike_quantize_triton(
+            x, k, v_min, v_max, want_counts=want_counts, want_stats=want_stats)
+    else:
+        out, counts_f, v_th = spike_quantize_reference(x, k, v_min, v_max)
+        counts = counts_f.to(torch.int32) if want_counts else None
+        stats = spike_stats_reference(counts_f) if want_stats else None
+    if counts is None:
+        counts = x.new_empty(0, dtype=torch.int32)
+    if stats is None:
+        stats = x.new_empty(0, dtype=torch.int64)
+    return out, counts, v_th, stats
 
-    @staticmethod
-    def forward(ctx, x, k, v_min, v_max, want_counts, want_stats):
-        if _use_triton(x):
-            out, counts, v_th, stats = triton_kernel.spike_quantize_triton(
-                x, k, v_min, v_max, want_counts=want_counts, want_stats=want_stats)
-        else:
-            out, counts_f, v_th = spike_quantize_reference(x, k, v_min, v_max)
-            counts = counts_f.to(torch.int32) if want_counts else None
-            stats = spike_stats_reference(counts_f) if want_stats else None
-        extras = [t for t in (counts, v_th, stats) if t is not None]
-        ctx.mark_non_differentiable(*extras)
-        return out, counts, v_th, stats
 
-    @staticmethod
-    def backward(ctx, grad_out, *unused):
-        return grad_out, None, None, None, None, None
+@_spike_op.register_fake
+def _(x, k, v_min, v_max, want_counts, want_stats):
+    # Also the op's meta kernel: the memory planner replays steps on meta tensors.
+    return (x.new_empty(x.shape), x.new_empty(x.shape if want_counts else (0,), dtype=torch.int32),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+            x.new_empty(4 if want_stats else 0, dtype=torch.int64))
 
 
-# Outside torch.compile's regions (a graph break at each spiked input): on torch 2.11 dynamo
-# fails to trace the autograd function around the Triton launch (mark_non_differentiable of its
-# extra outputs, symbolic sizes under MoE); the kernel is one fused pass either way.
-@torch.compiler.disable
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])  # counts, v_th, stats
+
+
+def _backward(ctx, grad_out, *unused):
+    """Straight-through: d out / d x is the identity."""
+    return grad_out, None, None, None, None, None
+
+
+torch.library.register_autograd("spikingbrain::spike_quantize", _backward, setup_context=_setup_context)
+
+
 def spike_quantize(x: torch.Tensor, k: float = 3.0, *, v_min: float = 1e-5, v_max: float = 1e4,
                    return_counts: bool = False, stats: bool = False):
     """Quantise activations to integer spike counts times a per-token threshold.
@@ -68,8 +91,8 @@ def spike_quantize(x: torch.Tensor, k: float = 3.0, *, v_min: float = 1e-5, v_ma
     stats: int64 0-dim tensors (no host sync) "numel", "zeros" (s == 0), "abs_sum" (sum |s|),
     "le7" (|s| <= 7).
     """
-    out, counts, v_th, summary = _SpikeSTE.apply(x, float(k), float(v_min), float(v_max),
-                                                 return_counts, stats)
+    out, counts, v_th, summary = _spike_op(x, float(k), float(v_min), float(v_max),
+                                           bool(return_counts), bool(stats))
     if not (return_counts or stats):
         return out
     return SpikeResult(out, counts, v_th if return_counts else None,

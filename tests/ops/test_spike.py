@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ops.spike import SpikeResult, spike_quantize
-from ops.spike.reference import spike_quantize_reference, spike_stats_reference
+from ops.spike.reference import STAT_NAMES, spike_quantize_reference, spike_stats_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,6 +87,71 @@ def test_larger_k_gives_larger_counts_and_fewer_zeros():
 def test_stats_reference_counts():
     counts = torch.tensor([[0.0, -8.0, 7.0], [3.0, 0.0, -1.0]])
     assert spike_stats_reference(counts).tolist() == [6, 2, 19, 5]
+
+
+def _spiked(return_counts, stats):
+    """A small function around spike_quantize: its tensors, unused ones None."""
+    def fn(x):
+        r = spike_quantize(x * 2.0, 2.5, return_counts=return_counts, stats=stats)
+        if not (return_counts or stats):
+            return r.sin(), None, None, None
+        summary = torch.stack([r.stats[n] for n in STAT_NAMES]) if stats else None
+        return r.out.sin(), r.counts, r.v_th, summary
+    return fn
+
+
+@pytest.mark.parametrize("return_counts, stats", [(False, False), (True, False), (False, True), (True, True)])
+def test_compiles_without_graph_break(return_counts, stats):
+    """fullgraph=True turns a graph break into an error; outputs and gradient are eager's."""
+    torch._dynamo.reset()
+    fn = _spiked(return_counts, stats)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x, g = torch.randn(3, 4, 19), torch.randn(3, 4, 19)
+    results = []
+    for f in (fn, compiled):
+        xi = x.clone().requires_grad_(True)
+        outs = f(xi)
+        outs[0].backward(g)
+        results.append((outs, xi.grad))
+    torch._dynamo.reset()
+    (eager, grad_e), (comp, grad_c) = results
+    for e, c in zip(eager, comp):
+        assert (e is None) == (c is None)
+        if e is not None:
+            assert c.dtype == e.dtype and c.shape == e.shape and torch.equal(c.detach(), e.detach())
+    assert all(t is None or not t.requires_grad for t in comp[1:])
+    # straight through the spike: d sin(spike(2x)) / dx = 2 cos(spike(2x))
+    assert torch.equal(grad_c, grad_e)
+    assert torch.equal(grad_e, g * spike_quantize(x * 2.0, 2.5).cos() * 2.0)
+
+
+def test_meta_device():
+    """The memory planner replays steps on meta tensors: right shapes and dtypes, and a gradient."""
+    x = torch.empty(2, 5, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    r = spike_quantize(x, return_counts=True, stats=True)
+    assert r.out.device.type == "meta" and r.out.shape == x.shape and r.out.dtype == torch.bfloat16
+    assert r.counts.shape == x.shape and r.counts.dtype == torch.int32
+    assert r.v_th.shape == (2, 5, 1) and r.v_th.dtype == torch.float32
+    assert list(r.stats) == list(STAT_NAMES)
+    assert all(v.shape == () and v.dtype == torch.int64 for v in r.stats.values())
+    r.out.backward(torch.empty_like(r.out))
+    assert x.grad.shape == x.shape and x.grad.dtype == torch.bfloat16
+    out = spike_quantize(x)
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
+@pytest.mark.parametrize("want_counts, want_stats", [(False, False), (True, True)])
+def test_opcheck(want_counts, want_stats):
+    """The operator's schema, fake (meta) implementation and autograd registration agree with its
+    implementation (torch.library.opcheck)."""
+    from ops.spike import _spike_op
+
+    x = torch.randn(3, 2, 13, requires_grad=True)
+    torch.library.opcheck(_spike_op, (x, 3.0, 1e-5, 1e4, want_counts, want_stats))
+    # a non-contiguous input: the outputs are laid out as the fake implementation says
+    xt = torch.randn(13, 3, requires_grad=True).t()
+    torch.library.opcheck(_spike_op, (xt, 2.0, 1e-5, 1e4, want_counts, want_stats),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 KERNEL_CHECK = textwrap.dedent("""

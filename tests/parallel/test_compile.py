@@ -165,8 +165,7 @@ def test_inductor_regions_on_cuda(name):
 def test_spiking_inductor_regions_on_cuda(name):
     """Spiking with inductor regions on CUDA (the fused Triton spike kernel, counting its firing
     statistics as training does): it compiles and gives the eager model's loss and gradients.
-    The spike call itself stays outside the regions (ops/spike: dynamo on torch 2.11 cannot
-    trace its autograd function around the Triton launch)."""
+    The spike call is one torch.library operator inside the regions (no graph break)."""
     from model.spiking import spike_sites
 
     cfg = model_config(name)
