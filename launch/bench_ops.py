@@ -183,8 +183,8 @@ def main() -> None:
     ap.add_argument("--median", type=int, default=1024, help="median document length of packed cases")
     ap.add_argument("--gla-backends", nargs="+", default=["triton", "fla"], choices=["triton", "fla", "reference"],
                     help="fla-core autotunes for minutes on its first call: time it in its own run if needed")
-    ap.add_argument("--attn-backends", nargs="+", default=["flex", "varlen", "sdpa"],
-                    choices=["flex", "varlen", "sdpa", "reference"])
+    ap.add_argument("--attn-backends", nargs="+", default=["triton", "flex", "varlen", "sdpa"],
+                    choices=["triton", "flex", "varlen", "sdpa", "reference"])
     ap.add_argument("--attn-lengths", nargs="+", type=int, default=[8192, 32768])
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--sinks", type=int, default=128)

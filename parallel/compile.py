@@ -7,7 +7,7 @@
   dense SwiGLU FFN (its three matmuls stay cuBLAS; SiLU and the product fuse around them) and the
   RoPE of each softmax mixer (`RotaryQK`) are compiled, each with its backward. These are the ops
   the profile of a training step shows as many small fp32 passes over [T, hidden] and [T, FFN]
-  tensors. The sequence-mixing cores (Triton GLA, flash/flex attention), the MoE routing (data-
+  tensors. The sequence-mixing cores (Triton GLA and attention, flash/flex attention), the MoE routing (data-
   dependent shapes) and the fused loss stay as they are: they are already single kernels or
   have shapes a compiled graph would re-specialise on every step.
 

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from model.context import SequenceContext
 from model.moe import LocalDispatcher
+from ops.attention import triton_attn
 from ops.gla.triton_chunk import chunk_gla_triton
 from ops.loss import meta_as_cuda
 from .recompute import apply_recompute
@@ -213,6 +214,13 @@ class _PlanContext(SequenceContext):
     def softmax_attention(self, q, k, v, *, window=None, sink_k=None, sink_v=None, scale=None):
         if not self.cuda:
             return super().softmax_attention(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v, scale=scale)
+        window = None if window is not None and window >= q.shape[1] - 1 else window  # as attention()
+        masked = sink_k is not None or window is not None or self.cu_seqlens is not None
+        if masked and triton_attn is not None and q.dtype in triton_attn.DTYPES \
+                and q.shape[-1] in triton_attn.HEAD_DIMS:
+            sinks = {} if sink_k is None else dict(sink_k=sink_k.to(q.dtype), sink_v=sink_v.to(q.dtype))
+            return triton_attn.attention_triton(q, k, v, window=window, cu_seqlens=self.cu_seqlens,
+                                                scale=scale, **sinks)
         if sink_k is not None:
             b = q.shape[0]
             k, v = (torch.cat([s.unsqueeze(0).expand(b, -1, -1, -1).to(x.dtype), x], dim=1)

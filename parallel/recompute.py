@@ -34,6 +34,11 @@ try:  # flash varlen attention (ops.attention's CUDA path for windows and packed
     _SAVED_OPS.add(torch.ops.torch_attn._varlen_attn.default)
 except (ImportError, AttributeError):  # a torch without varlen_attn: ops.attention does not use it
     pass
+try:  # the project's Triton attention (ops.attention's CUDA path for windows, sinks, documents)
+    import ops.attention.triton_attn  # noqa: F401  registers spikingbrain::attention_fwd
+    _SAVED_OPS.add(torch.ops.spikingbrain.attention_fwd.default)
+except ImportError:  # no triton: ops.attention does not use it
+    pass
 
 
 def _policy(ctx, op, *args, **kwargs):

@@ -6,7 +6,9 @@ signature and the masking rules of ``reference.visibility_mask``:
   * ``sdpa``: SDPA with ``is_causal`` for plain causal attention, else a dense ``[T, S + T]``
     mask (kept as the benchmark peer for masked cases: its mask is quadratic in T);
   * ``flex``: one flex_attention call with a block mask built from cu_seqlens (``flex.py``);
-  * ``varlen``: one flash-attention varlen call, no sinks (``varlen.py``).
+  * ``varlen``: one flash-attention varlen call, no sinks (``varlen.py``);
+  * ``triton``: the project's own flash attention, windows, sinks and documents in one launch per
+    pass (``triton_attn.py``).
 ``pick_backend`` chooses per device and case; ``backend=`` overrides it (benchmarks, tests).
 """
 
@@ -19,8 +21,13 @@ from ops.attention.flex import attention_flex
 from ops.attention.reference import attention_reference, check_attention_inputs, visibility_mask
 from ops.attention.varlen import attention_varlen, varlen_unsupported
 
+try:
+    from ops.attention import triton_attn
+except ImportError:  # no triton on this machine: the other backends serve every call
+    triton_attn = None
+
 __all__ = ["BACKENDS", "attention", "attention_flex", "attention_reference", "attention_sdpa",
-           "attention_varlen", "pick_backend", "visibility_mask"]
+           "attention_triton", "attention_varlen", "pick_backend", "visibility_mask"]
 
 
 def attention_sdpa(q, k, v, *, window=None, sink_k=None, sink_v=None, cu_seqlens=None,
@@ -59,25 +66,40 @@ def attention_sdpa(q, k, v, *, window=None, sink_k=None, sink_v=None, cu_seqlens
     return out.transpose(1, 2)
 
 
+def attention_triton(q, k, v, *, window=None, sink_k=None, sink_v=None, cu_seqlens=None,
+                     scale=None) -> torch.Tensor:
+    """``attention`` on the project's Triton kernels (``triton_attn.py``)."""
+    num_sinks = 0 if sink_k is None else sink_k.shape[0]
+    if triton_attn is None or not triton_attn.supports(q, num_sinks):
+        raise ValueError("backend='triton' needs triton, a CUDA device, float16/bfloat16/float32 "
+                         f"and head_dim in {(16, 32, 64, 128)}; got {q.dtype} {tuple(q.shape)} on "
+                         f"{q.device}")
+    return triton_attn.attention_triton(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v,
+                                        cu_seqlens=cu_seqlens, scale=scale)
+
+
 def pick_backend(q: torch.Tensor, *, window: int | None, num_sinks: int, packed: bool) -> str:
     """Name of the backend ``attention`` uses for ``q`` ``[B, T, Hq, D]`` and this case.
 
     ``window`` is already normalised (None when it spans the whole row). CPU and other devices:
-    the reference. CUDA: plain causal attention is SDPA's ``is_causal`` (flash or cuDNN, no mask
-    at all); documents or a window without sinks go to the flash-attention varlen kernel, which
-    reads both natively; sinks (and what varlen cannot run: fp32, an old torch) go to flex.
+    the reference. CUDA: plain causal attention is SDPA's ``is_causal`` (cuDNN, 451-493 useful
+    TFLOP/s fwd+bwd on an H200 at 8k-32k); documents, a window or sinks go to the project's
+    Triton kernel (212-320 TFLOP/s there, ahead of flash varlen and flex in every such case,
+    docs/BENCHMARKS.md), else flash varlen (no sinks), else flex.
     """
     if not q.is_cuda:
         return "reference"
     if not num_sinks and not packed and window is None:
         return "sdpa"
+    if triton_attn is not None and triton_attn.supports(q, num_sinks):
+        return "triton"
     if varlen_unsupported(q, num_sinks) is None:
         return "varlen"
     return "flex"
 
 
 BACKENDS = {"reference": attention_reference, "sdpa": attention_sdpa, "flex": attention_flex,
-            "varlen": attention_varlen}
+            "varlen": attention_varlen, "triton": attention_triton}
 
 
 # Packed inputs are cut at document boundaries into bins of about this many tokens: attention

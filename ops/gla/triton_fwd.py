@@ -15,42 +15,17 @@ earlier sub-chunks b < a are matched through the reference r_a = gc at the row b
 exp(gc_i - gc_j), j <= i, is built as a running product of exp(g) row by row (E below), which is
 exact to a few ulps, never overflows, and costs one exp per row and channel instead of one per pair.
 """
-import inspect
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-UPCAST_DOTS = tl.constexpr(INTERPRET)
+from ops.triton_util import INTERPRET, UPCAST_DOTS, autotuned, mm  # noqa: F401 (re-exported)
+
 BT = 64  # rows per chunk; the backward's per-sub-chunk accumulators assume BT // BC == 4
 BC = 16  # rows per sub-chunk (the smallest tl.dot side)
 
 
-def autotuned(settings, key):
-    """Autotune over (num_warps, num_stages) pairs on a GPU, the choice kept in triton's disk cache
-    (where this triton can) so later processes skip it; the interpreter launches plainly."""
-    def wrap(fn):
-        if INTERPRET:
-            return fn
-        configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in settings]
-        extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-        return triton.autotune(configs=configs, key=key, **extra)(fn)
-    return wrap
-
-
 CHUNK_SETTINGS = [(8, 1), (8, 2)]  # 4 warps spill at K = V = 128, G = 7 (sm_90)
 STATE_SETTINGS = [(2, 3), (4, 3)]
-
-
-@triton.jit
-def mm(a, b, PREC: tl.constexpr):
-    """a @ b accumulated in float32. The interpreter multiplies bfloat16 bit patterns as integers,
-    so there the operands go through float32 first (exact)."""
-    if UPCAST_DOTS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit

@@ -173,14 +173,16 @@ def test_backend_keyword():
     q, k, v, sk, sv = rand_inputs(T=50, S=2)
     kwargs = dict(window=9, sink_k=sk, sink_v=sv, cu_seqlens=torch.tensor([0, 20, 50]))
     want = attention_reference(q, k, v, **kwargs)
-    assert set(BACKENDS) == {"reference", "sdpa", "flex", "varlen"}
+    assert set(BACKENDS) == {"reference", "sdpa", "flex", "varlen", "triton"}
     for backend in ("sdpa", "flex"):  # flex runs eagerly on CPU (no autograd there)
         torch.testing.assert_close(attention(q, k, v, backend=backend, **kwargs), want,
                                    rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="backend='varlen'"):
         attention(q, k, v, backend="varlen", **kwargs)
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ValueError, match="backend='triton'"):  # CPU without the interpreter
         attention(q, k, v, backend="triton", **kwargs)
+    with pytest.raises(ValueError, match="backend must be"):
+        attention(q, k, v, backend="cudnn", **kwargs)
 
 
 def flash_varlen_contract(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None,
@@ -262,7 +264,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["flex", "varlen", "sdpa", None])
+@pytest.mark.parametrize("backend", ["triton", "flex", "varlen", "sdpa", None])
 @pytest.mark.parametrize("T,window,S", [(4096, 1024, 0), (4096, 1024, 128), (4096, None, 0),
                                         (4096, None, 128), (4001, 1024, 0), (4001, 1024, 128),
                                         (512, 3, 0), (512, 3, 128)])
@@ -282,7 +284,8 @@ def test_cuda_backend_matches_reference(backend, T, window, S):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend,S", [("varlen", 0), ("flex", 0), ("flex", 128)])
+@pytest.mark.parametrize("backend,S", [("varlen", 0), ("flex", 0), ("flex", 128), ("triton", 0),
+                                       ("triton", 128)])
 def test_cuda_131072_tokens_in_linear_memory(backend, S):
     """A 128k packed row with window 4096 runs fwd+bwd in one call per layer: memory above the
     inputs (output, gradients and the kernels' workspace) stays far below a dense [T, T] mask
