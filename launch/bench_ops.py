@@ -1,6 +1,6 @@
 """Op speed on CUDA, every implementation side by side in one run.
 
-    python launch/bench.py op --ops gla attention loss --out op.json
+    python launch/bench.py op --ops gla attention loss moe --out op.json
     python launch/bench.py op --ops gla --gla-shapes 4x8192 1x32768 --gla-backends triton fla reference
 
 - gla: `ops.gla.chunk_gla` fwd+bwd at SpikingBrain-7B head shapes (28 query / 4 KV heads, K = V =
@@ -9,6 +9,9 @@
   dense batches and packed documents.
 - attention: `ops.attention.attention` fwd+bwd, GQA 28/4, head dim 128, bf16: sliding window 4096,
   full causal and the 76B sink variant (128 sinks), packed documents, for each backend.
+- moe: `ops.moe.grouped_swiglu` fwd+bwd at SpikingBrain-76B expert shapes (16 experts, hidden
+  3584, expert size 18944, top-1 routing with uneven loads, fp32 weights under bf16 autocast):
+  the grouped GEMMs (`torch._grouped_mm`, the CUDA path) against the per-expert loop (the peer).
 - loss: `ops.loss.linear_cross_entropy` against the plain linear + fp32 cross-entropy (the peer)
   and liger-kernel's fused linear cross-entropy (sum reduction), hidden 3584, vocabulary 152064.
 
@@ -140,6 +143,31 @@ def bench_attention(lengths_list, window: int, sinks: int, backends) -> list[dic
     return rows
 
 
+# -- moe -------------------------------------------------------------------------------------------
+def bench_moe(tokens_list, experts: int, hidden: int, size: int) -> list[dict]:
+    from ops.moe import grouped_swiglu_grouped_mm, grouped_swiglu_reference
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = [(torch.randn(experts, *shape, device="cuda", generator=gen) * 0.02).requires_grad_()
+               for shape in ((size, hidden), (size, hidden), (hidden, size))]
+    for n in tokens_list:
+        # uneven loads, as a router early in training gives them: expert e's share ~ 1 / (e + 1)
+        share = 1.0 / torch.arange(1, experts + 1, device="cuda")
+        idx = torch.multinomial(share / share.sum(), n, replacement=True, generator=gen)
+        counts = torch.bincount(idx, minlength=experts)
+        x = torch.randn(n, hidden, device="cuda", generator=gen).requires_grad_()
+        flops = 3 * 3 * 2 * n * hidden * size
+        for backend, fn in (("grouped_mm", grouped_swiglu_grouped_mm), ("loop", grouped_swiglu_reference)):
+            def run(x, *w, fn=fn):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return fn(x, counts, *w)
+            rows.append(measure("moe", f"{n} tokens, {experts} experts, max load {int(counts.max())}",
+                                backend, fwd_bwd(run, [x, *weights]), flops))
+    add_speedup(rows, "loop")
+    return rows
+
+
 # -- loss ------------------------------------------------------------------------------------------
 def bench_loss(tokens_list, hidden: int, vocab: int) -> list[dict]:
     from ops.loss import linear_cross_entropy
@@ -177,7 +205,8 @@ def bench_loss(tokens_list, hidden: int, vocab: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ops", nargs="+", default=["gla", "attention", "loss"], choices=["gla", "attention", "loss"])
+    ap.add_argument("--ops", nargs="+", default=["gla", "attention", "loss", "moe"],
+                    choices=["gla", "attention", "loss", "moe"])
     ap.add_argument("--gla-shapes", nargs="+", type=parse_shape, default=[(4, 8192), (1, 32768)],
                     help="BxT (default 4x8192 1x32768)")
     ap.add_argument("--median", type=int, default=1024, help="median document length of packed cases")
@@ -189,6 +218,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--sinks", type=int, default=128)
     ap.add_argument("--loss-tokens", nargs="+", type=int, default=[8192, 32768])
+    ap.add_argument("--moe-tokens", nargs="+", type=int, default=[8192, 32768])
     ap.add_argument("--out")
     args = ap.parse_args()
     require_cuda("op")
@@ -200,6 +230,8 @@ def main() -> None:
         rows += bench_attention(cases, args.window, args.sinks, args.attn_backends)
     if "loss" in args.ops:
         rows += bench_loss(args.loss_tokens, 3584, 152064)
+    if "moe" in args.ops:
+        rows += bench_moe(args.moe_tokens, 16, 3584, 18944)
     print_table(rows, COLUMNS)
     write_json(args.out, "op", vars(args), rows)
 

@@ -3,8 +3,9 @@ it runs forward and backward, measured on the meta device at the real shape.
 
 `LiveBytes` follows every storage an op allocates until it is freed; `_CudaEmulation` replays on
 meta tensors what a CUDA step changes (autocast's casts, the fused attention and GLA kernels), and
-`ops.loss.meta_as_cuda` sends the loss down its CUDA path (the Triton logit gradient); `trace`
-runs one piece under them and returns its `Piece`. `parallel/plan.py` composes the pieces into a step.
+`ops.meta_as_cuda` sends the loss (the Triton logit gradient) and the experts (grouped GEMMs)
+down their CUDA paths; `trace` runs one piece under them and returns
+its `Piece`. `parallel/plan.py` composes the pieces into a step.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from model.context import SequenceContext
 from model.moe import LocalDispatcher
 from ops.attention import triton_attn
 from ops.gla.triton_chunk import chunk_gla_triton
-from ops.loss import meta_as_cuda
+from ops import meta_as_cuda
 from .recompute import apply_recompute
 
 

@@ -27,11 +27,11 @@ gradient rounded once to the compute dtype before its two matmuls (as autograd d
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from ops import meta_as_cuda, takes_cuda_path
 
 from .reference import linear_cross_entropy_reference
 
@@ -43,7 +43,6 @@ except ImportError:  # no triton on this machine: every device takes the PyTorch
 __all__ = ["default_chunk_tokens", "linear_cross_entropy", "linear_cross_entropy_reference", "meta_as_cuda"]
 
 CHUNK_LOGIT_BYTES = 2 ** 30  # a chunk's fp32 logits by default (1664 tokens at V = 152064)
-_META_AS_CUDA = False  # set by `meta_as_cuda`
 _NO_ADDMM_FP32_OUT: set[str] = set()  # device types where addmm(out_dtype=float32) was refused
 
 
@@ -62,9 +61,8 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
-def _as_cuda(t: torch.Tensor) -> bool:
-    """Whether t takes the CUDA path: on CUDA, or on meta inside `meta_as_cuda`."""
-    return t.is_cuda or (t.device.type == "meta" and _META_AS_CUDA)
+_as_cuda = takes_cuda_path  # on CUDA, or on meta inside `meta_as_cuda` (the fused logit gradient
+#                             allocating its buffers, launching nothing; the fp32-output addmm)
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -75,17 +73,6 @@ def _fused(t: torch.Tensor) -> bool:
     return _as_cuda(t) or (t.device.type == "cpu" and triton_ce.INTERPRET)
 
 
-@contextlib.contextmanager
-def meta_as_cuda():
-    """Meta tensors take the CUDA path inside: the fused logit gradient (allocating its buffers,
-    launching nothing) and the fp32-output addmm. How the memory planner
-    (parallel/plan_trace.py) replays a CUDA step on the meta device."""
-    global _META_AS_CUDA
-    before, _META_AS_CUDA = _META_AS_CUDA, True
-    try:
-        yield
-    finally:
-        _META_AS_CUDA = before
 
 
 def _add_head_grad(grad_w: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:

@@ -1,22 +1,29 @@
 """Local mixture-of-experts dispatch: the dispatcher.
 
 ``permute`` / ``unpermute`` are index shuffles that run anywhere; ``grouped_swiglu`` picks the
-expert-GEMM backend for the device (today the per-expert loop everywhere; a grouped-GEMM kernel
-plugs in through ``pick_grouped_swiglu``).
+expert-GEMM backend for the device through ``pick_grouped_swiglu``: on CUDA (sm90+, bfloat16)
+three ``torch._grouped_mm`` launches for all experts with no host sync (``grouped.py``),
+elsewhere the per-expert loop of the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ops import meta_as_cuda, takes_cuda_path
+
+from ops.moe.grouped import grouped_swiglu_grouped_mm, unsupported as grouped_mm_unsupported
 from ops.moe.reference import grouped_swiglu_reference, permute, unpermute
 
-__all__ = ["grouped_swiglu", "grouped_swiglu_reference", "permute", "pick_grouped_swiglu",
-           "unpermute"]
+__all__ = ["grouped_swiglu", "grouped_swiglu_grouped_mm", "grouped_swiglu_reference", "meta_as_cuda",
+           "permute", "pick_grouped_swiglu", "unpermute"]
 
 
-def pick_grouped_swiglu(x_perm: torch.Tensor):
-    """The grouped SwiGLU implementation used for ``x_perm``'s device."""
+
+def pick_grouped_swiglu(x_perm: torch.Tensor, w_gate: torch.Tensor | None = None):
+    """The grouped SwiGLU implementation used for ``x_perm`` (and these expert weights)."""
+    if takes_cuda_path(x_perm) and w_gate is not None and grouped_mm_unsupported(x_perm, w_gate) is None:
+        return grouped_swiglu_grouped_mm
     return grouped_swiglu_reference
 
 
@@ -28,4 +35,5 @@ def grouped_swiglu(x_perm: torch.Tensor, counts: torch.Tensor, w_gate: torch.Ten
     w_gate, w_up ``[E, F, D]``; w_down ``[E, D, F]``. ``hidden_fn`` (row-wise, e.g. spiking)
     transforms ``h`` ``[m, F]`` before the down projection. Returns ``[M, D]``.
     """
-    return pick_grouped_swiglu(x_perm)(x_perm, counts, w_gate, w_up, w_down, hidden_fn=hidden_fn)
+    fn = pick_grouped_swiglu(x_perm, w_gate)
+    return fn(x_perm, counts, w_gate, w_up, w_down, hidden_fn=hidden_fn)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ops
 import ops.loss as L
 from ops.loss import linear_cross_entropy, linear_cross_entropy_reference, triton_ce
 from tests.helpers import run_triton_script
@@ -202,7 +203,7 @@ def test_meta_follows_the_path_of_the_device_it_stands_for(as_cuda):
     assert w.grad is not None and h.grad is not None
     if as_cuda:
         assert {dtype for dtype, _ in wide} == {torch.bfloat16} and len(wide) == 3  # one per chunk
-        assert not products and not L._META_AS_CUDA
+        assert not products and not ops._META_AS_CUDA
     else:
         assert torch.float32 in {dtype for dtype, _ in wide} and products
 
