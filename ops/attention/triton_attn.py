@@ -80,6 +80,13 @@ def _fwd_tile(acc, m_i, l_i, qt, k, v, j0, rm, lo_r, TT, qk_scale, HKV: tl.const
     s = mm(qt, tl.trans(kt), PREC) * qk_scale
     if MASKED:
         s = tl.where((rn[None, :] >= lo_r[:, None]) & (rn[None, :] <= rm[:, None]), s, NEG)
+    return _softmax_step(acc, m_i, l_i, s, vt, PREC)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, vt, PREC: tl.constexpr):
+    """The running softmax (acc, max, sum) of a query tile after base-2 scores s against
+    values vt."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -143,12 +150,7 @@ def attn_fwd_kernel(q, k, v, sk, sv, o, lse, lo, TT, qk_scale, HQ: tl.constexpr,
         sv += hk * D
         for s0 in range(0, S, BN):
             _, vt, s = _sink_tile(qt, sk, sv, s0, qk_scale, S, HKV, D, BN, PREC)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + mm(p.to(vt.dtype), vt, PREC)
-            m_i = m_new
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vt, PREC)
     k0, n, n_lo, n_mid = _key_runs(lo, i0, TT, BM, BN)
     for t in range(0, n_lo):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, k, v, k0 + t * BN, rm, lo_r, TT, qk_scale,
@@ -361,11 +363,12 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def _tiles(name: str):
-    """Grid size along the tiled axis for tile meta-parameter `name` (autotuned on a GPU)."""
+def _grid(n_rows: int, name: str, heads: int):
+    """(tiles along the rows for tile meta-parameter `name`, heads): a function of the config on
+    a GPU (autotuned), fixed under the interpreter."""
     if INTERPRET:
-        return lambda n: triton.cdiv(n, INTERPRET_TILES[name])
-    return lambda n: (lambda meta: triton.cdiv(n, meta[name]))
+        return (triton.cdiv(n_rows, INTERPRET_TILES[name]), heads)
+    return lambda meta: (triton.cdiv(n_rows, meta[name]), heads)
 
 
 def _meta(q, k, sk):
@@ -373,13 +376,6 @@ def _meta(q, k, sk):
     # float32 runs three TF32 products per dot (close to float32 accuracy, on tensor cores)
     return dict(HQ=Hq, HKV=Hkv, G=Hq // Hkv, D=D, S=0 if sk is None else sk.shape[0],
                 PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
-
-
-def _grid(n_rows: int, name: str, heads: int):
-    tiles = _tiles(name)(n_rows)
-    if callable(tiles):
-        return lambda meta: (tiles(meta), heads)
-    return (tiles, heads)
 
 
 def _sinks_or(sk, sv, k, v):
