@@ -18,8 +18,8 @@ and share its q and do through the L2 cache.
 import triton
 import triton.language as tl
 
-from .triton_fwd import (CHUNK_SETTINGS, STATE_SETTINGS, autotuned, chunk_info, diagonal_row, mm,
-                         row_live, stacked_rows, sub_factor)
+from .triton_fwd import (CHUNK_SETTINGS, STATE_SETTINGS, autotuned, causal, chunk_info, diagonal_row,
+                         diagonal_span, mm, reference_row, row_live, stacked_rows, sub_factor)
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def bwd_state_kernel(gc, U, dht, dhs, dh0, doc_off, HKV: tl.constexpr, K: tl.con
 def dv_kernel(q, k, g, gc, do, dhs, dv, tab, scale, HQ: tl.constexpr, HKV: tl.constexpr,
               G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr, GPP: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, SPAN: tl.constexpr):
     """dv for one chunk, KV head and block of BV value channels, summed over the group's query
     heads; grid (V/BV, NC, HKV)."""
     vv = tl.program_id(0) * BV + tl.arange(0, BV)
@@ -146,22 +146,29 @@ def dv_kernel(q, k, g, gc, do, dhs, dv, tab, scale, HQ: tl.constexpr, HKV: tl.co
         s0 = a * BC
         if s0 < L:
             row, crow, ok = stacked_rows(s0, L, HQ, G, BC, GP)
-            # A against the earlier key sub-chunks b < a, through the reference r_a, K in blocks.
+            span = diagonal_span(gc, s0, reference_row(gc, s0, kk, K), kk, K, BC)[1]
+            fast = span <= SPAN
+            # A against the earlier key sub-chunks b < a, through the reference r_a, K in blocks;
+            # on the fast path also against a's own keys (Ad, the diagonal block).
             A0 = tl.zeros([BC * GP, BC], dtype=tl.float32)
             A1 = A0
             A2 = A0
             A3 = A0
-            if a > 0:
-                for kb in tl.static_range(K // BK):
-                    kq = kb * BK + tl.arange(0, BK)
-                    q2 = tl.load(q + row[:, None] * K + kq[None, :], mask=ok[:, None], other=0.0)
-                    ra, F = sub_factor(gc, s0, crow, kq, K)
-                    qr = (q2.to(tl.float32) * F).to(dt)
-                    for b in tl.static_range(a):
-                        gb = tl.load(gc + (b * BC + rc)[:, None] * K + kq[None, :])
-                        kr = sub_rows(k, b * BC, L, HKV, K, kq, BC) * tl.exp(ra[None, :] - gb)
-                        x = mm(qr, tl.trans(kr.to(dt)), PREC)
-                        A0, A1, A2, A3 = add_at(b, x, A0, A1, A2, A3)
+            Ad = A0
+            for kb in tl.static_range(K // BK):
+                kq = kb * BK + tl.arange(0, BK)
+                q2 = tl.load(q + row[:, None] * K + kq[None, :], mask=ok[:, None], other=0.0)
+                ra, F = sub_factor(gc, s0, crow, kq, K)
+                qr = (q2.to(tl.float32) * F).to(dt)
+                for b in tl.static_range(a):
+                    gb = tl.load(gc + (b * BC + rc)[:, None] * K + kq[None, :])
+                    kr = sub_rows(k, b * BC, L, HKV, K, kq, BC) * tl.exp(ra[None, :] - gb)
+                    x = mm(qr, tl.trans(kr.to(dt)), PREC)
+                    A0, A1, A2, A3 = add_at(b, x, A0, A1, A2, A3)
+                if fast:
+                    ga = tl.load(gc + (s0 + rc)[:, None] * K + kq[None, :])
+                    kr = sub_rows(k, s0, L, HKV, K, kq, BC) * tl.exp(ra[None, :] - ga)
+                    Ad += mm(qr, tl.trans(kr.to(dt)), PREC)
             do2 = tl.load(do + row[:, None] * V + vv[None, :], mask=ok[:, None], other=0.0)
             for b in tl.static_range(a):
                 if b == 0:
@@ -172,16 +179,19 @@ def dv_kernel(q, k, g, gc, do, dhs, dv, tab, scale, HQ: tl.constexpr, HKV: tl.co
                     Ab = A2
                 x = mm(tl.trans((Ab * scale).to(dt)), do2, PREC)
                 dv0, dv1, dv2, dv3 = add_at(b, x, dv0, dv1, dv2, dv3)
-            # Diagonal block, one query row (all heads) at a time; E as in the forward.
-            ka = sub_rows(k, s0, L, HKV, K, kk, BC)
-            E = tl.zeros([BC, K], dtype=tl.float32)
-            dvd = tl.zeros([BC, BV], dtype=tl.float32)
-            for i in range(BC):
-                E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kk, rc, rg, HQ, HKV, K, G, K, GPP)
-                qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok, other=0.0)
-                doi = tl.load(do + qrow[:, None] * V + vv[None, :], mask=head_ok, other=0.0)
-                Ai = mm(qi, tl.trans((ka * E).to(dt)), PREC) * scale
-                dvd += mm(tl.trans(Ai.to(dt)), doi, PREC)
+            if fast:
+                Ad = tl.where(causal(crow, s0, BC), Ad * scale, 0.0)
+                dvd = mm(tl.trans(Ad.to(dt)), do2, PREC)
+            else:  # diagonal block one query row (all heads) at a time; E as in the forward
+                ka = sub_rows(k, s0, L, HKV, K, kk, BC)
+                E = tl.zeros([BC, K], dtype=tl.float32)
+                dvd = tl.zeros([BC, BV], dtype=tl.float32)
+                for i in range(BC):
+                    E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kk, rc, rg, HQ, HKV, K, G, K, GPP)
+                    qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok, other=0.0)
+                    doi = tl.load(do + qrow[:, None] * V + vv[None, :], mask=head_ok, other=0.0)
+                    Ai = mm(qi, tl.trans((ka * E).to(dt)), PREC) * scale
+                    dvd += mm(tl.trans(Ai.to(dt)), doi, PREC)
             dv0, dv1, dv2, dv3 = add_at(a, dvd, dv0, dv1, dv2, dv3)
     out = dv + rc[:, None] * (HKV * V) + vv[None, :]
     step = BC * HKV * V
@@ -196,12 +206,12 @@ def dv_kernel(q, k, g, gc, do, dhs, dv, tab, scale, HQ: tl.constexpr, HKV: tl.co
 def dqkg_kernel(q, k, v, g, gc, hs, ht, do, dhs, dq, dk, dg, sdA, sdA_block, tab, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                GP: tl.constexpr, GPP: tl.constexpr, PREC: tl.constexpr):
+                GP: tl.constexpr, GPP: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr):
     """dq (every head of the group), dk and dg for one chunk, KV head and block of BK key
     channels; grid (K/BK, NC, HKV).
 
     sdA [K/BK, TT, HQ, BC] float32 (sdA_block elements per block of channels) is scratch for the
-    diagonal blocks of dA: made per query row (for dk) and read back per key column (for dq).
+    row-by-row diagonal blocks of dA: made per query row (for dk) and read back per key column (for dq).
     """
     kb = tl.program_id(0)
     kq = kb * BK + tl.arange(0, BK)
@@ -265,38 +275,47 @@ def dqkg_kernel(q, k, v, g, gc, hs, ht, do, dhs, dq, dk, dg, sdA, sdA_block, tab
                 dq2 += mm(dA, kr.to(dt), PREC)
                 x = mm(tl.trans(dA), qr, PREC) * decay * scale
                 dk0, dk1, dk2, dk3 = add_at(b, x, dk0, dk1, dk2, dk3)
-            dq2 = dq2 * F * scale
-            # Diagonal block. Per query row i (all heads): the dA row, stored for the dq pass
-            # below, and its share of dk through E[j] = exp(gc_i - gc_j).
             ka = sub_rows(k, s0, L, HKV, K, kq, BC)
             va = sub_rows(v, s0, L, HKV, V, vv, BC).to(dt)
-            E = tl.zeros([BC, BK], dtype=tl.float32)
-            dkd = tl.zeros([BC, BK], dtype=tl.float32)
-            for i in range(BC):
-                E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kq, rc, rg, HQ, HKV, K, G, BK, GPP)
-                qi = tl.load(q + qrow[:, None] * K + kq[None, :], mask=head_ok, other=0.0)
-                doi = tl.load(do + qrow[:, None] * V + vv[None, :], mask=head_ok, other=0.0)
-                dAi = mm(doi, tl.trans(va), PREC)
-                dAi = tl.where(rc[None, :] <= i, dAi, 0.0)
-                tl.store(sdA + qrow[:, None] * BC + rc[None, :], dAi, mask=head_ok)
-                dkd += mm(tl.trans(dAi.to(dt)), qi, PREC) * E
-            dk0, dk1, dk2, dk3 = add_at(a, dkd * scale, dk0, dk1, dk2, dk3)
-            tl.debug_barrier()  # the dA rows just stored are read back by other threads
-            # Per key row j (descending): e[i] = exp(gc_i - gc_j) for i >= j, grown from e_{j+1},
-            # kept [BC, 1, BK] so that it broadcasts over the heads of dq3 without a layout change.
-            dq3 = tl.reshape(dq2, (BC, GP, BK))
             i3 = tl.arange(0, BC)[:, None]
             r3 = (s0 + i3) * HQ + tl.arange(0, GP)[None, :]
             ok3 = (s0 + i3 < L) & (tl.arange(0, GP)[None, :] < G)
-            e = tl.zeros([BC, 1, BK], dtype=tl.float32)
-            for jj in range(BC):
-                j = BC - 1 - jj
-                gn = tl.load(g + (s0 + j + 1) * (HKV * K) + kq, mask=row_live(s0 + j + 1, L, BK),
-                             other=0.0)
-                e = tl.where(i3[:, :, None] == j, 1.0, e * tl.exp(gn.to(tl.float32))[None, None, :])
-                kj = tl.load(k + (s0 + j) * (HKV * K) + kq, mask=row_live(s0 + j, L, BK), other=0.0)
-                col = tl.load(sdA + r3 * BC + j, mask=ok3, other=0.0)
-                dq3 += col[:, :, None] * (e * (kj.to(tl.float32) * scale)[None, None, :])
+            ga, span = diagonal_span(gc, s0, ra, kq, K, BC)
+            if span <= SPAN:  # diagonal block through r_a too: key factors in [1, exp(SPAN)]
+                dAd = tl.where(causal(crow, s0, BC), mm(do2, tl.trans(va), PREC), 0.0).to(dt)
+                kf = tl.exp(ra[None, :] - ga)
+                dq2 = (dq2 + mm(dAd, (ka * kf).to(dt), PREC)) * F * scale
+                dkd = mm(tl.trans(dAd), qr, PREC) * kf
+                dq3 = tl.reshape(dq2, (BC, GP, BK))
+            else:
+                dq2 = dq2 * F * scale
+                # Row by row. Per query row i (all heads): the dA row, stored for the dq pass
+                # below, and its share of dk through E[j] = exp(gc_i - gc_j).
+                E = tl.zeros([BC, BK], dtype=tl.float32)
+                dkd = tl.zeros([BC, BK], dtype=tl.float32)
+                for i in range(BC):
+                    E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kq, rc, rg, HQ, HKV, K, G, BK, GPP)
+                    qi = tl.load(q + qrow[:, None] * K + kq[None, :], mask=head_ok, other=0.0)
+                    doi = tl.load(do + qrow[:, None] * V + vv[None, :], mask=head_ok, other=0.0)
+                    dAi = mm(doi, tl.trans(va), PREC)
+                    dAi = tl.where(rc[None, :] <= i, dAi, 0.0)
+                    tl.store(sdA + qrow[:, None] * BC + rc[None, :], dAi, mask=head_ok)
+                    dkd += mm(tl.trans(dAi.to(dt)), qi, PREC) * E
+                tl.debug_barrier()  # the dA rows just stored are read back by other threads
+                # Per key row j (descending): e[i] = exp(gc_i - gc_j) for i >= j, grown from
+                # e_{j+1}, kept [BC, 1, BK] so that it broadcasts over the heads of dq3 without
+                # a layout change.
+                dq3 = tl.reshape(dq2, (BC, GP, BK))
+                e = tl.zeros([BC, 1, BK], dtype=tl.float32)
+                for jj in range(BC):
+                    j = BC - 1 - jj
+                    gn = tl.load(g + (s0 + j + 1) * (HKV * K) + kq, mask=row_live(s0 + j + 1, L, BK),
+                                 other=0.0)
+                    e = tl.where(i3[:, :, None] == j, 1.0, e * tl.exp(gn.to(tl.float32))[None, None, :])
+                    kj = tl.load(k + (s0 + j) * (HKV * K) + kq, mask=row_live(s0 + j, L, BK), other=0.0)
+                    col = tl.load(sdA + r3 * BC + j, mask=ok3, other=0.0)
+                    dq3 += col[:, :, None] * (e * (kj.to(tl.float32) * scale)[None, None, :])
+            dk0, dk1, dk2, dk3 = add_at(a, dkd * scale, dk0, dk1, dk2, dk3)
             ptr3 = r3[:, :, None] * K + kq[None, None, :]
             tl.store(dq + ptr3, dq3.to(dq.dtype.element_ty), mask=ok3[:, :, None])
             q3 = tl.load(q + ptr3, mask=ok3[:, :, None], other=0.0).to(tl.float32)

@@ -87,7 +87,7 @@ def _meta(q, k, v):
     # float32 inputs: three TF32 products per dot (tensor cores, close to float32 accuracy);
     # plain float32 ("ieee") dots would run on the FMA units and compile for minutes at K = 128.
     return dict(HQ=Hq, HKV=Hkv, G=G, K=K, V=V, BT=BT, BC=BC, GP=GP,
-                PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
+                PREC="tf32x3" if q.dtype == torch.float32 else "tf32", SPAN=float(fwd.SPAN_MAX))
 
 
 def _state_blocks(K: int, V: int) -> dict:

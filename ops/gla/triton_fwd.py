@@ -11,9 +11,18 @@ Shapes (all contiguous, batch and time flattened to TT = B * T rows):
 Inside a chunk, rows are handled per sub-chunk a of BC = 16 rows with the G query heads stacked
 as R = BC * GP rows (row r: time r // GP, head r % GP; GP = next power of two >= G). Keys of
 earlier sub-chunks b < a are matched through the reference r_a = gc at the row before a:
-(q * exp(gc - r_a)) . (k * exp(r_a - gc)), both exponents <= 0. Within a sub-chunk the decay
-exp(gc_i - gc_j), j <= i, is built as a running product of exp(g) row by row (E below), which is
-exact to a few ulps, never overflows, and costs one exp per row and channel instead of one per pair.
+(q * exp(gc - r_a)) . (k * exp(r_a - gc)), both exponents <= 0.
+
+The diagonal block (keys of sub-chunk a itself) has two forms, chosen per program and sub-chunk
+from its decay span, span_a = max over the channels of r_a - gc at a's last row (>= 0):
+- span_a <= SPAN_MAX (the usual case: the 7B gate logsigmoid(x) / 16 spans 40 over 16 tokens
+  only where its logits stay below about -40): the same factorisation through r_a, where now the key factors
+  exp(r_a - gc_j) are >= 1 but at most exp(SPAN_MAX), and the query factors at least
+  exp(-SPAN_MAX): no overflow or underflow, each product rounded as in the off-diagonal blocks,
+  and the whole block is one tensor-core dot with a causal mask.
+- otherwise (a channel all but closes within 16 tokens, as the 76B's key-tied gate can): the
+  decay exp(gc_i - gc_j), j <= i, is built as a running product of exp(g) row by row (E below),
+  exact to a few ulps whatever the decay, at the cost of a loop over the 16 query rows.
 """
 import triton
 import triton.language as tl
@@ -22,6 +31,10 @@ from ops.triton_util import INTERPRET, UPCAST_DOTS, autotuned, mm  # noqa: F401 
 
 BT = 64  # rows per chunk; the backward's per-sub-chunk accumulators assume BT // BC == 4
 BC = 16  # rows per sub-chunk (the smallest tl.dot side)
+# Largest decay span of a sub-chunk whose diagonal block takes the factorised dot (module
+# docstring): exp(40) ~ 2e17 is far inside float32's and bfloat16's range. Tests lower it to -1
+# to run the row-by-row form everywhere.
+SPAN_MAX = 40.0
 
 
 CHUNK_SETTINGS = [(8, 1), (8, 2)]  # 4 warps spill at K = V = 128, G = 7 (sm_90)
@@ -67,16 +80,38 @@ def stacked_rows(s0: tl.constexpr, L, HQ: tl.constexpr, G: tl.constexpr, BC: tl.
 
 
 @triton.jit
-def sub_factor(gcc, s0: tl.constexpr, crow, kq, K: tl.constexpr):
-    """Query-side factors of the sub-chunk starting at chunk row s0, for channels kq [BK]:
-    r_a = gc at the row before it (0 for the first) [BK], F = exp(gc_i - r_a) [R, BK] for the
-    stacked rows `crow` (chunk rows); both exponents are <= 0."""
+def reference_row(gcc, s0: tl.constexpr, kq, K: tl.constexpr):
+    """r_a = gc at the row before the sub-chunk starting at chunk row s0 (0 for the first), for
+    channels kq [BK]."""
     if s0 == 0:
         ra = tl.zeros(kq.shape, dtype=tl.float32)
     else:
         ra = tl.load(gcc + (s0 - 1) * K + kq)
+    return ra
+
+
+@triton.jit
+def sub_factor(gcc, s0: tl.constexpr, crow, kq, K: tl.constexpr):
+    """Query-side factors of the sub-chunk starting at chunk row s0, for channels kq [BK]:
+    r_a [BK] and F = exp(gc_i - r_a) [R, BK] for the stacked rows `crow` (chunk rows); both
+    exponents are <= 0."""
+    ra = reference_row(gcc, s0, kq, K)
     F = tl.exp(tl.load(gcc + crow[:, None] * K + kq[None, :]) - ra[None, :])
     return ra, F
+
+
+@triton.jit
+def diagonal_span(gcc, s0: tl.constexpr, ra, kq, K: tl.constexpr, BC: tl.constexpr):
+    """-> (gc of the sub-chunk's rows [BC, len(kq)], its decay span: the largest r_a - gc over
+    those rows and channels, a scalar >= 0)."""
+    ga = tl.load(gcc + (s0 + tl.arange(0, BC))[:, None] * K + kq[None, :])
+    return ga, tl.max(tl.max(ra[None, :] - ga, axis=1), axis=0)
+
+
+@triton.jit
+def causal(crow, s0: tl.constexpr, BC: tl.constexpr):
+    """[R, BC] mask of the diagonal block: stacked query row (chunk row crow) sees key s0 + j."""
+    return crow[:, None] >= (s0 + tl.arange(0, BC))[None, :]
 
 
 @triton.jit
@@ -142,10 +177,10 @@ def fwd_state_kernel(k, v, gc, h0, hs, ht, cu, doc_off, HKV: tl.constexpr, K: tl
 def fwd_o_kernel(q, k, v, g, gc, hs, o, sA, tab, scale, HQ: tl.constexpr, HKV: tl.constexpr,
                  G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                  BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr, GPP: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, SPAN: tl.constexpr):
     """o for one chunk and all G query heads of KV head hk; grid (NC, HKV).
 
-    sA [TT, HQ, BC] (q's dtype) is scratch for the diagonal sub-chunk blocks of A: they are made
+    sA [TT, HQ, BC] (q's dtype) is scratch for the row-by-row diagonal blocks of A: they are made
     one query row at a time (heads as the rows of a [GPP, BC] dot, GPP = max(16, GP)) and read
     back stacked as [R, BC] for one dot with v. The stacked query tiles go through K in blocks of
     BK columns, which keeps their float32 factors within the registers.
@@ -173,22 +208,30 @@ def fwd_o_kernel(q, k, v, g, gc, hs, o, sA, tab, scale, HQ: tl.constexpr, HKV: t
     for a in tl.static_range(BT // BC):
         s0 = a * BC
         if s0 < L:
-            # Diagonal block first: E[j] = exp(gc_i - gc_j) for j <= i, grown one row i at a time.
-            sub_ok = s0 + rc < L
-            ka = tl.load(k + (s0 + rc)[:, None] * (HKV * K) + kk[None, :], mask=sub_ok[:, None],
-                         other=0.0).to(tl.float32)
-            E = tl.zeros([BC, K], dtype=tl.float32)
-            for i in range(BC):
-                E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kk, rc, rg, HQ, HKV, K, G, K, GPP)
-                qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok, other=0.0)
-                Ai = mm(qi, tl.trans((ka * E).to(dt)), PREC) * scale
-                tl.store(sA + qrow[:, None] * BC + rc[None, :], Ai.to(dt), mask=head_ok)
-            tl.debug_barrier()  # the rows just stored are read back by other threads
             row, crow, ok = stacked_rows(s0, L, HQ, G, BC, GP)
-            Ad = tl.load(sA + row[:, None] * BC + rc[None, :], mask=ok[:, None], other=0.0)
-            va = tl.load(v + (s0 + rc)[:, None] * (HKV * V) + vv[None, :], mask=sub_ok[:, None],
-                         other=0.0)
-            acc = mm(Ad, va, PREC)
+            span = diagonal_span(gc, s0, reference_row(gc, s0, kk, K), kk, K, BC)[1]
+            fast = span <= SPAN
+            if fast:  # the diagonal block joins the dot below (module docstring)
+                acc = tl.zeros([BC * GP, V], dtype=tl.float32)
+            else:  # diagonal block first, E[j] = exp(gc_i - gc_j) for j <= i grown row by row
+                sub_ok = s0 + rc < L
+                ka = tl.load(k + (s0 + rc)[:, None] * (HKV * K) + kk[None, :], mask=sub_ok[:, None],
+                             other=0.0).to(tl.float32)
+                E = tl.zeros([BC, K], dtype=tl.float32)
+                for i in range(BC):
+                    E, qrow, head_ok = diagonal_row(E, g, s0, i, L, kk, rc, rg, HQ, HKV, K, G, K, GPP)
+                    qi = tl.load(q + qrow[:, None] * K + kk[None, :], mask=head_ok, other=0.0)
+                    Ai = mm(qi, tl.trans((ka * E).to(dt)), PREC) * scale
+                    tl.store(sA + qrow[:, None] * BC + rc[None, :], Ai.to(dt), mask=head_ok)
+                tl.debug_barrier()  # the rows just stored are read back by other threads
+                Ad = tl.load(sA + row[:, None] * BC + rc[None, :], mask=ok[:, None], other=0.0)
+                va = tl.load(v + (s0 + rc)[:, None] * (HKV * V) + vv[None, :], mask=sub_ok[:, None],
+                             other=0.0)
+                acc = mm(Ad, va, PREC)
+            # Keys before `lim` through the reference r_a: the earlier sub-chunks, and a's own
+            # rows on the fast path.
+            lim = tl.where(fast, s0 + BC, s0)
+            key_ok = (rt < lim) & (rt < L)
             A = tl.zeros([BC * GP, BT], dtype=tl.float32)
             for kb in tl.static_range(K // BK):
                 kq = kb * BK + tl.arange(0, BK)
@@ -198,14 +241,12 @@ def fwd_o_kernel(q, k, v, g, gc, hs, o, sA, tab, scale, HQ: tl.constexpr, HKV: t
                 # Entering state, read through the decay from the chunk start: exp(gc) = F exp(r_a).
                 h = tl.load(hs + kq[:, None] * V + vv[None, :])
                 acc += mm((qf * (tl.exp(ra) * scale)[None, :]).to(dt), h, PREC)
-                if a > 0:  # keys of the earlier sub-chunks, through the reference r_a
-                    kc = tl.load(k + rt[:, None] * (HKV * K) + kq[None, :], mask=(rt < s0)[:, None],
-                                 other=0.0).to(tl.float32)
-                    gk = tl.load(gc + rt[:, None] * K + kq[None, :])
-                    kr = kc * tl.exp(tl.where((rt < s0)[:, None], ra[None, :] - gk, float("-inf")))
-                    A += mm(qf.to(dt), tl.trans(kr.to(dt)), PREC)
-            if a > 0:
-                vc = tl.load(v + rt[:, None] * (HKV * V) + vv[None, :], mask=(rt < s0)[:, None],
-                             other=0.0)
-                acc += mm((A * scale).to(dt), vc, PREC)
+                kc = tl.load(k + rt[:, None] * (HKV * K) + kq[None, :], mask=key_ok[:, None],
+                             other=0.0).to(tl.float32)
+                gk = tl.load(gc + rt[:, None] * K + kq[None, :])
+                kr = kc * tl.exp(tl.where(key_ok[:, None], ra[None, :] - gk, float("-inf")))
+                A += mm(qf.to(dt), tl.trans(kr.to(dt)), PREC)
+            A = tl.where(crow[:, None] >= rt[None, :], A, 0.0)
+            vc = tl.load(v + rt[:, None] * (HKV * V) + vv[None, :], mask=key_ok[:, None], other=0.0)
+            acc += mm((A * scale).to(dt), vc, PREC)
             tl.store(o + row[:, None] * V + vv[None, :], acc.to(o.dtype.element_ty), mask=ok[:, None])

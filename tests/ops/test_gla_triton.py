@@ -88,6 +88,15 @@ CPU_CASES = """
     # size, cancel exactly there (exp(0) has no g in it) and to float32 rounding here.
     check(1, 70, 3, 1, 16, 16, with_state=True, g=torch.full((1, 70, 1, 16), -30.0, dtype=torch.float64),
           dg_floor=1e-5)
+    # Both forms of the diagonal blocks in one call: one channel closes (-100) at rows 20-40 only,
+    # so the sub-chunks there go row by row and the others through the factorised dot.
+    g = F.logsigmoid(torch.randn(1, 150, 2, 32, dtype=torch.float64)) / 16
+    g[0, 20:40, :, 5] = -100.0
+    check(1, 150, 6, 2, 32, 32, cu=[0, 9, 150], with_state=True, g=g)
+    # Every diagonal block row by row (as a strong decay takes it), on the general cases.
+    tc.fwd.SPAN_MAX = -1.0
+    check(1, 150, 6, 2, 32, 32, cu=[0, 1, 1, 9, 150], with_state=True)
+    check(1, 150, 3, 1, 16, 16, cu=[0, 1, 1, 9, 150], with_state=True, dtype=torch.bfloat16, tol=3e-2)
 """
 
 GPU_CASES = """
@@ -99,6 +108,9 @@ GPU_CASES = """
     g = torch.rand(1, 4096, 4, 128, dtype=torch.float64) * -0.1
     g[..., ::2] = -100.0
     check(1, 4096, 28, 4, 128, 128, cu=[0, 1000, 4096], g=g, dtype=torch.bfloat16, tol=3e-2)
+    tc.fwd.SPAN_MAX = -1.0  # every diagonal block row by row
+    check(1, 8192, 28, 4, 128, 128, cu=cu, with_state=True, dtype=torch.bfloat16, tol=3e-2)
+    tc.fwd.SPAN_MAX = 40.0
     # 128k packed tokens, three documents: everything finite
     T = 131072
     leaves, h0 = inputs(1, T, 28, 4, 128, 128, 3, torch.bfloat16, True, None, 0)
